@@ -1,0 +1,87 @@
+"""Invertible preprocessing from source display pixels to a model's input grid (MONAI).
+
+Forward: (rows, cols) display image in [0, 1] -> (1, H, W) MetaTensor in model space.
+Inverse: a map in model space -> the source pixel grid, replaying MONAI's recorded
+trace in reverse, so saliency and counterfactual differences land on the exact
+source pixels.
+
+Intensity needs no inverse: model space *is* the display space [0, 1] (the
+classifier applies its own mean/std internally), so a model-space difference is
+directly a display-space difference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, EnsureChannelFirst, Resize, SpatialPad
+
+Aspect = Literal["squash", "pad"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a classifier expects. ``aspect``: 'squash' resizes without keeping the
+    aspect ratio (how the Kermany training images were made); 'pad' pads to a square
+    first (for classifiers trained on aspect-preserved images)."""
+
+    size: tuple[int, int]
+    aspect: Aspect = "squash"
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 8:
+            raise ValueError(f"InputSpec.size must be two sides >= 8, got {self.size!r}")
+        if self.aspect not in ("squash", "pad"):
+            raise ValueError(f"InputSpec.aspect must be 'squash' or 'pad', got {self.aspect!r}")
+
+
+class Preprocessor:
+    """Builds the MONAI chain for one image and inverts maps back through it."""
+
+    def __init__(self, spec: InputSpec):
+        self.spec = spec
+        # MONAI checks that an inverse is run by the very transform object that
+        # recorded the trace, so chains are kept per source shape.
+        self._chains: dict[tuple[int, int], Compose] = {}
+
+    def _chain(self, shape: tuple[int, int]) -> Compose:
+        if shape not in self._chains:
+            self._chains[shape] = self._build_chain(shape)
+        return self._chains[shape]
+
+    def _build_chain(self, shape: tuple[int, int]) -> Compose:
+        steps = [EnsureChannelFirst(channel_dim="no_channel")]
+        if self.spec.aspect == "pad":
+            side = max(shape)
+            steps.append(SpatialPad(spatial_size=(side, side), mode="constant", value=0.0))
+        # Anti-aliased bilinear: a clean downsample, and bilinear again on the way back.
+        steps.append(Resize(spatial_size=self.spec.size, mode="bilinear", anti_aliasing=True))
+        return Compose(steps)
+
+    def __call__(self, display: np.ndarray) -> MetaTensor:
+        if display.ndim != 2:
+            raise ValueError(f"display must be (rows, cols), got shape {display.shape}")
+        image = MetaTensor(torch.as_tensor(np.ascontiguousarray(display), dtype=torch.float32))
+        out = self._chain(tuple(display.shape))(image)
+        return out.clamp_(0.0, 1.0)
+
+    def to_source(self, model_space: MetaTensor, values: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Map ``values`` (H, W) or (C, H, W) on the model grid to the source grid of
+        the image that produced ``model_space`` (which carries the trace)."""
+        values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+        squeeze = values.ndim == 2
+        if squeeze:
+            values = values[None]
+        expected = tuple(model_space.shape[-2:])
+        if tuple(values.shape[-2:]) != expected:
+            raise ValueError(f"map shape {tuple(values.shape[-2:])} does not match model grid {expected}")
+        traced = MetaTensor(values, applied_operations=list(model_space.applied_operations))
+        if not model_space.applied_operations:
+            raise ValueError("model_space carries no MONAI trace: it was not made by this Preprocessor")
+        source_shape = tuple(int(v) for v in model_space.applied_operations[0]["orig_size"])
+        back = self._chain(source_shape).inverse(traced)
+        array = back.as_tensor().numpy()
+        return array[0] if squeeze else array

@@ -1,0 +1,185 @@
+"""Model bundles: a folder with bundle.yaml, safetensors weights and a model card.
+
+Loading never unpickles: weights come from safetensors, and a TorchScript
+classifier is accepted only when its sha256 is in the caller's pinned list.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
+
+BUNDLE_FORMAT = "medxplain-bundle/1"
+BUNDLE_FILE = "bundle.yaml"
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed, or its files do not match their hashes."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Strict):
+    type: Literal["binary"] = "binary"
+    finding: str = Field(description="name of the finding the positive class means, e.g. Pneumonia")
+    positive_label: str
+    negative_label: str
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="decision threshold on P(positive)")
+
+
+class InputSpecModel(_Strict):
+    size: tuple[int, int]
+    channels: Literal[1] = 1
+    aspect: Literal["squash", "pad"] = "squash"
+    mean: float = Field(0.5, description="classifier-internal normalisation of [0,1] model space")
+    std: float = Field(0.25, gt=0)
+
+
+class WeightsRef(_Strict):
+    file: str
+    sha256: str
+
+
+class ClassifierSpec(_Strict):
+    format: Literal["safetensors", "torchscript"] = "safetensors"
+    architecture: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    output: Literal["logit", "two_logits"] = "logit"
+    cam_layer: str | None = None
+    weights: WeightsRef
+
+
+class ExplainerSpec(_Strict):
+    """A trained explainer's networks and settings (added by `medxplain train <method>`)."""
+
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    weights: dict[str, WeightsRef] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class BundleSpec(_Strict):
+    format: Literal["medxplain-bundle/1"] = BUNDLE_FORMAT
+    name: str
+    version: str
+    description: str = ""
+    task: TaskSpec
+    input: InputSpecModel
+    classifier: ClassifierSpec
+    explainers: dict[str, ExplainerSpec] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A loaded, verified bundle folder."""
+
+    def __init__(self, root: Path, spec: BundleSpec, sha256: str):
+        self.root = root
+        self.spec = spec
+        self.sha256 = sha256  # of bundle.yaml, which pins every weights file by hash
+
+    @classmethod
+    def load(cls, root: str | Path, *, verify: bool = True) -> "Bundle":
+        root = Path(root)
+        manifest = root / BUNDLE_FILE
+        if not manifest.is_file():
+            raise BundleError(f"{root}: no {BUNDLE_FILE} (is this a medxplain bundle folder?)")
+        try:
+            raw = yaml.safe_load(manifest.read_text())
+            spec = BundleSpec.model_validate(raw)
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise BundleError(f"{manifest}: invalid bundle description:\n{exc}") from exc
+        bundle = cls(root, spec, sha256_file(manifest))
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def weight_refs(self) -> dict[str, WeightsRef]:
+        refs = {"classifier": self.spec.classifier.weights}
+        for method, explainer in self.spec.explainers.items():
+            for part, ref in explainer.weights.items():
+                refs[f"{method}.{part}"] = ref
+        return refs
+
+    def verify(self) -> dict[str, str]:
+        """Check every weights file against its pinned sha256; returns name -> path."""
+        checked = {}
+        for name, ref in self.weight_refs().items():
+            path = self.root / ref.file
+            if not path.is_file():
+                raise BundleError(f"{self.root}: weights file {ref.file} for {name} is missing")
+            actual = sha256_file(path)
+            if actual != ref.sha256:
+                raise BundleError(
+                    f"{self.root}: {ref.file} sha256 {actual[:12]}… does not match pinned {ref.sha256[:12]}…"
+                )
+            checked[name] = str(path)
+        return checked
+
+    def load_classifier(self, *, trusted_torchscript: tuple[str, ...] = (), device: str = "cpu") -> BinaryClassifier:
+        spec = self.spec.classifier
+        path = self.root / spec.weights.file
+        if spec.format == "torchscript":
+            # TorchScript archives carry code; accept only a file pinned in config.
+            if spec.weights.sha256 not in trusted_torchscript:
+                raise BundleError(
+                    f"{path.name}: TorchScript classifier sha256 {spec.weights.sha256} is not in "
+                    "config 'trusted_torchscript'; add it there to allow loading"
+                )
+            if sha256_file(path) != spec.weights.sha256:
+                raise BundleError(f"{path.name}: TorchScript file does not match its pinned sha256")
+            network: nn.Module = torch.jit.load(str(path), map_location=device)
+        else:
+            if not spec.architecture:
+                raise BundleError(f"{self.root}: classifier.architecture is required for safetensors weights")
+            network = build_network(spec.architecture, spec.parameters)
+            network.load_state_dict(load_file(str(path), device="cpu"))
+        model = BinaryClassifier(network, mean=self.spec.input.mean, std=self.spec.input.std, output=spec.output)
+        return model.to(device).eval()
+
+    def load_state(self, method: str, part: str) -> dict[str, torch.Tensor]:
+        """Weights of one network of an explainer (verified by hash at load)."""
+        try:
+            ref = self.spec.explainers[method].weights[part]
+        except KeyError as exc:
+            raise BundleError(f"{self.root}: bundle has no weights {method}.{part}; train them first") from exc
+        return load_file(str(self.root / ref.file), device="cpu")
+
+    @property
+    def cam_layer(self) -> str:
+        spec = self.spec.classifier
+        layer = spec.cam_layer or DEFAULT_CAM_LAYER.get(spec.architecture or "")
+        if not layer:
+            raise BundleError(f"{self.root}: set classifier.cam_layer for Grad-CAM on {spec.architecture}")
+        return layer
+
+    def save_spec(self) -> None:
+        text = yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        (self.root / BUNDLE_FILE).write_text(text)
+        self.sha256 = sha256_file(self.root / BUNDLE_FILE)
+
+
+def save_weights(module_or_state: nn.Module | dict[str, torch.Tensor], path: Path) -> WeightsRef:
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(path))
+    return WeightsRef(file=path.name, sha256=sha256_file(path))

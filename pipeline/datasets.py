@@ -1,0 +1,86 @@
+"""Image folders with a manifest (the shared Kermany layout) -> model-space tensors.
+
+Images go through the same invertible Preprocessor as DICOM input, so training
+and inference see identical resampling.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dicom_io.preprocess import InputSpec, Preprocessor
+
+CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "datasets"
+
+
+class DatasetError(Exception):
+    """The training data folder is missing, or its manifest is malformed."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 1, H, W) uint8, model space * 255 (compact in memory)
+    labels: torch.Tensor  # (N,) int64
+    paths: list[str]
+
+    def float_images(self) -> torch.Tensor:
+        return self.images.float() / 255.0
+
+
+def read_manifest(root: Path) -> list[dict[str, str]]:
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise DatasetError(f"{root}: no manifest.csv (expected columns path, split, label, source_patient_token)")
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = {"path", "split", "label"} - set(rows[0].keys() if rows else [])
+    if missing:
+        raise DatasetError(f"{manifest}: missing columns {sorted(missing)}")
+    return rows
+
+
+def _load_rows(root: Path, rows: list[dict[str, str]], spec: InputSpec) -> Split:
+    key = hashlib.sha256(
+        (str(spec) + "".join(r["path"] + r.get("sha1", "") for r in rows)).encode()
+    ).hexdigest()[:16]
+    cache = CACHE_DIR / f"{key}.npz"
+    if cache.exists():
+        data = np.load(cache)
+        return Split(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), [r["path"] for r in rows])
+    preprocess = Preprocessor(spec)
+    images = np.empty((len(rows), 1, *spec.size), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        with Image.open(root / row["path"]) as img:
+            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        images[i] = np.round(preprocess(display).numpy() * 255.0).astype(np.uint8)
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, images=images, labels=labels)
+    return Split(torch.from_numpy(images), torch.from_numpy(labels), [r["path"] for r in rows])
+
+
+def load_splits(root: Path, spec: InputSpec, *, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Split]:
+    """train / val / test. Validation is carved from train by *patient* so that no
+    patient appears in both (the manifest's source_patient_token)."""
+    rows = read_manifest(root)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    if not train_rows or not test_rows:
+        raise DatasetError(f"{root}: manifest needs rows with split 'train' and 'test'")
+    patients = sorted({r.get("source_patient_token") or r["path"] for r in train_rows})
+    random.Random(seed).shuffle(patients)
+    val_patients = set(patients[: max(1, int(len(patients) * val_fraction))])
+    val_rows = [r for r in train_rows if (r.get("source_patient_token") or r["path"]) in val_patients]
+    fit_rows = [r for r in train_rows if (r.get("source_patient_token") or r["path"]) not in val_patients]
+    return {
+        "train": _load_rows(root, fit_rows, spec),
+        "val": _load_rows(root, val_rows, spec),
+        "test": _load_rows(root, test_rows, spec),
+    }
