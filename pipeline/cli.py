@@ -10,7 +10,8 @@ app = typer.Typer(help="Counterfactual and saliency explanations for radiograph 
                   no_args_is_help=True)
 train_app = typer.Typer(help="Train a classifier or an explainer into a bundle.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-console = Console()
+# Wide enough for the summary table when output goes to a file or CI log.
+console = Console(width=None if Console().is_terminal else 160)
 
 
 @train_app.command("classifier")
@@ -33,6 +34,105 @@ def train_classifier_command(
     test = bundle.spec.metrics["test"]
     console.print(f"[green]wrote[/] {bundle.root} — test AUROC {test['auroc']:.4f}, accuracy {test['accuracy']:.4f}, "
                   f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")
+
+
+@app.command("explain")
+def explain_command(
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)"),
+    out: Path = typer.Option(..., "--out", help="output folder: one sub-folder of DICOM objects per image"),
+    bundle: Path = typer.Option(None, help="model bundle folder (default: config 'bundle')"),
+    explainers: str = typer.Option(None, help="comma-separated methods, e.g. gradcam,ig,occlusion"),
+    device: str = typer.Option(None, help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(None, help="images per batch"),
+    config: Path = typer.Option(None, help="YAML config (default: config/medxplain.yaml)"),
+) -> None:
+    """Explain radiographs; writes SC overlays, SEG, counterfactual SC and the SR per image."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from config import load_config
+    from pipeline.engine import Engine
+    from pipeline.runner import expand_inputs, explain_paths
+
+    overrides = {"bundle": bundle, "device": device, "batch_size": batch_size,
+                 "explainers": explainers.split(",") if explainers else None}
+    cfg = _load(load_config, config, overrides)
+    files = expand_inputs(paths)
+    if not files:
+        console.print("[red]no input files found[/]")
+        raise typer.Exit(2)
+    with console.status("loading bundle and models"):
+        engine = Engine(cfg)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        bar = progress.add_task("explaining", total=len(files))
+        outcomes = explain_paths(engine, files, out, on_file=lambda _: progress.advance(bar))
+
+    table = Table(title=f"medxplain — bundle {engine.bundle.spec.name} on {engine.device}")
+    for column in ("file", "P(" + engine.bundle.spec.task.positive_label + ")", "decision",
+                   *cfg.explainers, "total", "outputs"):
+        table.add_column(column)
+    failed = 0
+    for o in outcomes:
+        if o.ok:
+            r = o.result
+            cells = [f"{m.milliseconds / 1000:.2f} s" + ("" if m.flipped is None else
+                                                         (" flipped" if m.flipped else " NOT flipped"))
+                     for m in r.methods]
+            table.add_row(o.path.name, f"{r.probability:.3f}", r.decision, *cells,
+                          f"{r.milliseconds / 1000:.2f} s", f"{o.folder} ({len(o.written)} files)")
+        else:
+            failed += 1
+            table.add_row(o.path.name, "—", "[red]failed[/]", *["—"] * len(cfg.explainers), "—",
+                          f"[red]{o.error}[/]")
+    console.print(table)
+    if failed:
+        console.print(f"[red]{failed} of {len(outcomes)} files failed[/]")
+        raise typer.Exit(1)
+
+
+@app.command("info")
+def info_command(bundle: Path = typer.Argument(..., help="bundle folder")) -> None:
+    """Show what a bundle holds and verify every weights file against its sha256."""
+    from rich.table import Table
+
+    from explainers.base import available
+    from explainers.bundle import Bundle, BundleError
+
+    try:
+        loaded = Bundle.load(bundle, verify=False)
+        verified = loaded.verify()
+    except BundleError as exc:
+        console.print(f"[red]bundle check failed:[/] {exc}")
+        raise typer.Exit(1)
+    s = loaded.spec
+    console.print(f"[bold]{s.name}[/] {s.version} — {s.description}")
+    console.print(f"bundle.yaml sha256 {loaded.sha256}")
+    console.print(f"task: {s.task.positive_label} vs {s.task.negative_label}, threshold {s.task.threshold:.4f}; "
+                  f"input {s.input.size[0]}x{s.input.size[1]} ({s.input.aspect})")
+    console.print(f"classifier: {s.classifier.architecture or s.classifier.format} {s.classifier.parameters}")
+    for split, m in s.metrics.items():
+        console.print(f"{split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in m.items()))
+    table = Table(title="weights (sha256 verified)")
+    table.add_column("part")
+    table.add_column("file")
+    table.add_column("sha256")
+    for name, ref in loaded.weight_refs().items():
+        table.add_row(name, ref.file, ref.sha256[:16] + "…  [green]ok[/]" if name in verified else "")
+    console.print(table)
+    ready = ["gradcam", "ig", "occlusion"] + sorted(s.explainers)
+    console.print("explainers available with this bundle: " + ", ".join(m for m in ready if m in available()))
+
+
+def _load(loader, path, overrides):
+    from config import ConfigError
+
+    try:
+        return loader(path, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,720 @@
+"""Read one DICOM radiograph into a display-ready float32 image.
+
+``read_radiograph`` accepts any single-frame 2-D grayscale image object (CR, DX,
+MG, intra-oral, Secondary Capture, other grayscale images) in any transfer syntax
+pydicom 3 can decode with the installed plugins (native, deflated, JPEG baseline /
+extended / lossless, JPEG-LS, JPEG 2000, RLE). It applies the grayscale pipeline
+of PS3.3 C.11 (Modality LUT, then VOI LUT or window, then MONOCHROME1 inversion)
+and returns values in [0, 1].
+
+``check_header`` applies the same acceptance rules to a header without decoding
+pixels, so that a cheap pre-check (e.g. on the Orthanc side) and the reader agree.
+
+Every rejection is a typed ``DicomInputError`` (see ``dicom_io.errors``) whose
+message names the file / SOP Instance UID and the attribute, never the patient.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pydicom.uid as uids
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
+from pydicom.uid import UID
+
+from dicom_io.errors import (
+    BadDimensionsError,
+    ColourImageError,
+    CorruptPixelDataError,
+    InvalidHeaderError,
+    MissingPixelDataError,
+    MultiFrameError,
+    NotAnImageError,
+    TruncatedPixelDataError,
+    UnreadableFileError,
+    UnsupportedTransferSyntaxError,
+)
+from dicom_io.source import SourceImage
+
+logger = logging.getLogger(__name__)
+
+# Largest accepted matrix. The biggest real projection detectors are about
+# 4,300 x 5,300 (large-field mammography); 16,384 per side and 64 Mpx (256 MiB
+# as float32) leave ample head-room while refusing headers that would make the
+# worker allocate gigabytes for a corrupt or hostile file.
+MAX_SIDE = 16_384
+MAX_PIXELS = 64 * 2**20
+
+# Robust display range used when the header carries no window and no VOI LUT.
+ROBUST_PERCENTILES = (0.5, 99.5)
+# Percentiles are estimated on a strided sample of about this many pixels: far
+# below a grey level of error on radiographs, and cheap on 40 Mpx mammograms.
+_PERCENTILE_SAMPLE = 1_000_000
+
+# Slices of cross-sectional volumes: single-frame and grayscale, but not
+# projection radiographs, so an explanation trained on radiographs means nothing.
+_CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT", "OPT", "OCT"})
+_CROSS_SECTIONAL_SOP_CLASSES = frozenset(
+    {
+        uids.CTImageStorage,
+        uids.EnhancedCTImageStorage,
+        uids.LegacyConvertedEnhancedCTImageStorage,
+        uids.DICOSCTImageStorage,
+        uids.MRImageStorage,
+        uids.EnhancedMRImageStorage,
+        uids.EnhancedMRColorImageStorage,
+        uids.LegacyConvertedEnhancedMRImageStorage,
+        uids.PositronEmissionTomographyImageStorage,
+        uids.EnhancedPETImageStorage,
+        uids.LegacyConvertedEnhancedPETImageStorage,
+        uids.BreastTomosynthesisImageStorage,
+        uids.XRay3DAngiographicImageStorage,
+        uids.XRay3DCraniofacialImageStorage,
+        uids.OphthalmicTomographyImageStorage,
+    }
+)
+
+_COLOUR_PHOTOMETRICS = frozenset(
+    {"RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
+     "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV"}
+)
+_GRAYSCALE_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+# What pydicom and the decoder plugins raise on malformed input. Listed rather
+# than caught as Exception so that a genuine bug still surfaces as itself.
+_PYDICOM_ERRORS = (
+    BytesLengthException,
+    NotImplementedError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    RuntimeError,
+    EOFError,
+    OverflowError,
+    struct.error,
+)
+
+# Patient attributes whose values must never reach a message, even inside the
+# text of a chained pydicom or decoder error.
+_IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate")
+
+_PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little / big endian
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_radiograph(source: str | os.PathLike[str] | Dataset) -> SourceImage:
+    """Decode a single-frame grayscale radiograph into a [0, 1] float32 display image.
+
+    ``source`` is a path to a DICOM Part 10 file or an already parsed pydicom
+    ``Dataset`` (with ``file_meta.TransferSyntaxUID``). The dataset is not modified.
+    Raises a subclass of ``DicomInputError`` for any input that is not usable.
+    """
+    if isinstance(source, Dataset):
+        ds, path = source, None
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        ds = _read_file(path)
+    else:
+        raise TypeError(f"read_radiograph expects a path or a pydicom Dataset, not {type(source).__name__}")
+
+    check_header(ds)
+    where = _describe(ds, path)
+    raw = _decode(ds, where)
+    values = _apply_modality_lut(raw, ds, where)
+    display = _apply_voi(values, ds, where)
+    if _photometric(ds, where) == "MONOCHROME1":
+        # MONOCHROME1: low values are bright. The Presentation LUT Shape INVERSE
+        # that DX/MG objects carry with MONOCHROME1 (PS3.3 C.8.11.7) describes
+        # this same inversion, so it is applied once, here, and not again.
+        np.subtract(np.float32(1.0), display, out=display)
+    return SourceImage(dataset=ds, display=display, path=path)
+
+
+def check_header(ds: Dataset, *, require_pixel_data: bool = True) -> None:
+    """Raise the ``DicomInputError`` that ``read_radiograph`` would raise for this header.
+
+    Decodes no pixels. With ``require_pixel_data=False`` the header may come from
+    a read with ``stop_before_pixels=True``: presence and length of Pixel Data are
+    then not checked (decoding can still fail later on corrupt compressed data).
+    """
+    where = _describe(ds, None)
+    _check_parseable(ds, where)
+    _check_is_image(ds, where)
+    _check_projection(ds, where)
+    _check_grayscale(ds, where)
+    _check_single_frame(ds, where)
+    _check_dimensions(ds, where)
+    _rescale(ds, where)
+    transfer_syntax = _check_transfer_syntax(ds, where)
+    if require_pixel_data:
+        _check_pixel_data(ds, transfer_syntax, where)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_file(path: Path) -> Dataset:
+    where = path.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as exc:
+        raise UnreadableFileError("file does not exist", source=where, reason="file_not_found") from exc
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot stat file ({type(exc).__name__})", source=where, reason="io_error") from exc
+    if not path.is_file():
+        raise UnreadableFileError("not a regular file", source=where, reason="io_error")
+    if size == 0:
+        raise UnreadableFileError("file is empty (0 bytes)", source=where, reason="empty_file")
+
+    try:
+        ds = dcmread(path)
+    except InvalidDicomError as exc:
+        # Raw datasets without the 128-byte preamble and 'DICM' prefix are refused
+        # too: PACS and DICOM nodes always deliver Part 10 files, and force-reading
+        # arbitrary bytes would turn garbage into a plausible-looking dataset.
+        raise UnreadableFileError(
+            "not a DICOM Part 10 file (no 'DICM' prefix / File Meta Information)",
+            source=where, reason="not_dicom",
+        ) from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise UnreadableFileError(f"cannot read file ({exc.strerror})", source=where, reason="io_error") from exc
+        # pydicom also raises a bare OSError for malformed data ("No tag to read at ...").
+        raise UnreadableFileError("cannot parse DICOM (OSError)", source=where, reason="unparseable") from exc
+    except _PYDICOM_ERRORS as exc:
+        # Only the error's type: its text can quote raw header bytes, patient name included.
+        raise UnreadableFileError(
+            f"cannot parse DICOM ({type(exc).__name__})", source=where, reason="unparseable"
+        ) from exc
+
+    if "PixelData" not in ds:
+        _raise_if_cut_inside_pixel_data(path)
+    if len(ds) == 0:
+        raise UnreadableFileError(
+            "no data elements after the File Meta Information (truncated or corrupt file)",
+            source=where, reason="unparseable",
+        )
+    return ds
+
+
+def _raise_if_cut_inside_pixel_data(path: Path) -> None:
+    """Tell a file cut inside encapsulated Pixel Data from one that has none.
+
+    When a file ends inside an undefined-length element (encapsulated Pixel Data),
+    pydicom only warns and drops the element, and with it everything read so far.
+    Re-reading the header up to Pixel Data and looking at the next tag tells the
+    two cases apart. Only runs on this error path, so the normal read stays single.
+    """
+    with path.open("rb") as fp:
+        try:
+            header = dcmread(fp, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, *_PYDICOM_ERRORS):
+            return  # Not diagnosable further: the caller reports what the full read found.
+        next_tag = fp.read(4)
+    if next_tag in _PIXEL_DATA_TAG_BYTES:
+        raise TruncatedPixelDataError(
+            "file ends inside the encapsulated Pixel Data (7FE0,0010)", source=_describe(header, path)
+        )
+
+
+def _decode(ds: Dataset, where: str) -> np.ndarray:
+    try:
+        raw = pixel_array(ds)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"the decoder for {_transfer_syntax(ds).name} cannot decode this encoding ({_cause(exc, ds)})",
+            source=where,
+        ) from exc
+    except _PYDICOM_ERRORS as exc:
+        raise CorruptPixelDataError(f"cannot decode Pixel Data ({_cause(exc, ds)})", source=where) from exc
+
+    expected = (int(ds.Rows), int(ds.Columns))
+    if raw.shape != expected or raw.dtype.kind not in "iu":
+        raise CorruptPixelDataError(
+            f"decoded Pixel Data has shape {raw.shape} and dtype {raw.dtype}, header says {expected} integers",
+            source=where,
+        )
+    return raw
+
+
+# --------------------------------------------------------------------------- header rules
+
+
+def _check_parseable(ds: Dataset, where: str) -> None:
+    """Convert every element now, so that a corrupt one fails here, once, with its tag.
+
+    pydicom converts raw elements lazily: without this, a malformed value would
+    raise an untyped pydicom error at whichever later access touched it first,
+    possibly in a writer long after the reader accepted the file.
+    """
+    for part in (getattr(ds, "file_meta", None), ds):
+        found = _first_unparseable_element(part) if part is not None else None
+        if found is not None:
+            tag, exc = found
+            # Only the error's type: its text can quote raw bytes of the header.
+            raise UnreadableFileError(
+                f"element {tag} cannot be parsed ({type(exc).__name__})", source=where, reason="unparseable"
+            ) from exc
+
+
+def _first_unparseable_element(dataset: Dataset) -> tuple[object, BaseException] | None:
+    for tag in list(dataset.keys()):
+        try:
+            element = dataset[tag]
+            items = element.value if element.VR == "SQ" else ()
+        except _PYDICOM_ERRORS as exc:
+            return tag, exc
+        for item in items:
+            found = _first_unparseable_element(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_is_image(ds: Dataset, where: str) -> None:
+    sop_class = _sop_class(ds)
+    kind = _storage_kind(sop_class)
+    if kind == "non-image":
+        raise NotAnImageError(f"SOP Class '{sop_class.name}' ({sop_class}) is not an image", source=where)
+    if "PixelData" in ds or "Rows" in ds or "Columns" in ds:
+        return
+    if kind == "image":
+        # An image class with none of its image attributes: a damaged object
+        # (pydicom stops quietly at a corrupt element length), not a non-image.
+        raise MissingPixelDataError(
+            f"SOP Class '{sop_class.name}' but no Pixel Data, Rows or Columns (damaged or header-only object)",
+            source=where,
+        )
+    raise NotAnImageError("no Pixel Data and no Rows/Columns: not an image object", source=where)
+
+
+def _storage_kind(sop_class: UID | None) -> str:
+    """'image', 'non-image' or 'unknown', from pydicom's registry of standard SOP Class names.
+
+    Standard storage classes that are not "... Image Storage" (SR, SEG,
+    presentation states, encapsulated documents, waveforms, RT objects,
+    parametric maps) are not images. Private or unknown classes are judged by
+    their pixel attributes instead.
+    """
+    if sop_class is None or sop_class.type != "SOP Class" or "Storage" not in sop_class.name:
+        return "unknown"
+    return "image" if "Image Storage" in sop_class.name else "non-image"
+
+
+def _check_projection(ds: Dataset, where: str) -> None:
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in _CROSS_SECTIONAL_MODALITIES:
+        raise MultiFrameError(
+            f"Modality {modality} is not a projection radiograph (a slice of a volume)",
+            source=where, reason="not_projection_radiograph",
+        )
+    sop_class = _sop_class(ds)
+    if sop_class in _CROSS_SECTIONAL_SOP_CLASSES:
+        raise MultiFrameError(
+            f"SOP Class '{sop_class.name}' is not a projection radiograph",
+            source=where, reason="not_projection_radiograph",
+        )
+
+
+def _check_grayscale(ds: Dataset, where: str) -> None:
+    samples = _required_int(ds, "SamplesPerPixel", where)
+    photometric = _photometric(ds, where)
+    if samples != 1 or photometric in _COLOUR_PHOTOMETRICS:
+        raise ColourImageError(
+            f"SamplesPerPixel {samples}, PhotometricInterpretation {photometric}: not a grayscale image",
+            source=where,
+        )
+    if photometric not in _GRAYSCALE_PHOTOMETRICS:
+        raise InvalidHeaderError(
+            f"PhotometricInterpretation '{photometric}' is not MONOCHROME1 or MONOCHROME2",
+            source=where, reason="invalid_attribute",
+        )
+
+
+def _check_single_frame(ds: Dataset, where: str) -> None:
+    frames = _optional_int(ds, "NumberOfFrames", where)
+    if frames is None:
+        return  # Absent or empty: a single-frame IOD.
+    if frames > 1:
+        raise MultiFrameError(f"NumberOfFrames is {frames}; only single-frame images are read", source=where)
+    if frames < 1:
+        raise InvalidHeaderError(f"NumberOfFrames is {frames}", source=where, reason="invalid_attribute")
+
+
+def _check_dimensions(ds: Dataset, where: str) -> None:
+    rows = _required_int(ds, "Rows", where)
+    columns = _required_int(ds, "Columns", where)
+    if rows < 1 or columns < 1:
+        raise BadDimensionsError(f"Rows x Columns is {rows} x {columns}", source=where, reason="zero_dimensions")
+    if rows > MAX_SIDE or columns > MAX_SIDE or rows * columns > MAX_PIXELS:
+        raise BadDimensionsError(
+            f"Rows x Columns is {rows} x {columns}; the limit is {MAX_SIDE} per side and {MAX_PIXELS} pixels",
+            source=where, reason="too_large",
+        )
+
+    if "PixelData" not in ds and ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        raise BadDimensionsError(
+            "float pixel data (FloatPixelData / DoubleFloatPixelData) is not a radiograph encoding",
+            source=where, reason="bad_bit_depth",
+        )
+    bits_allocated = _required_int(ds, "BitsAllocated", where)
+    bits_stored = _required_int(ds, "BitsStored", where)
+    if bits_allocated not in (8, 16):
+        raise BadDimensionsError(
+            f"BitsAllocated is {bits_allocated}; only 8 and 16 are read", source=where, reason="bad_bit_depth"
+        )
+    if not 1 <= bits_stored <= bits_allocated:
+        raise BadDimensionsError(
+            f"BitsStored {bits_stored} is not within 1..BitsAllocated ({bits_allocated})",
+            source=where, reason="bad_bit_depth",
+        )
+    representation = _required_int(ds, "PixelRepresentation", where)
+    if representation not in (0, 1):
+        raise InvalidHeaderError(
+            f"PixelRepresentation is {representation}; must be 0 or 1", source=where, reason="invalid_attribute"
+        )
+
+
+def _rescale(ds: Dataset, where: str) -> tuple[float, float] | None:
+    """(slope, intercept) of the Modality LUT module, None if absent; both or neither (PS3.3 C.11.1)."""
+    slope = _optional_float(ds, "RescaleSlope", where)
+    intercept = _optional_float(ds, "RescaleIntercept", where)
+    if slope is None and intercept is None:
+        return None
+    if slope is None or intercept is None or slope == 0:
+        raise InvalidHeaderError(
+            f"RescaleSlope {slope} / RescaleIntercept {intercept}: both are required and the slope must not be 0",
+            source=where, reason="invalid_attribute",
+        )
+    return slope, intercept
+
+
+def _check_transfer_syntax(ds: Dataset, where: str) -> UID:
+    transfer_syntax = _transfer_syntax(ds)
+    if transfer_syntax is None:
+        raise UnsupportedTransferSyntaxError(
+            "no (0002,0010) TransferSyntaxUID in the File Meta Information",
+            source=where, reason="missing_transfer_syntax",
+        )
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"no pixel decoder exists for transfer syntax '{transfer_syntax.name}' ({transfer_syntax})",
+            source=where,
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin registered"
+        raise UnsupportedTransferSyntaxError(
+            f"no decoder plugin installed for '{transfer_syntax.name}' ({missing})",
+            source=where, reason="decoder_unavailable",
+        )
+    return transfer_syntax
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax: UID, where: str) -> None:
+    if "PixelData" not in ds:
+        raise MissingPixelDataError("no (7FE0,0010) Pixel Data element", source=where)
+    data = ds.PixelData
+    if not data:
+        raise MissingPixelDataError("(7FE0,0010) Pixel Data is empty", source=where)
+    if transfer_syntax.is_encapsulated:
+        return  # Compressed length is unknowable without decoding; the decoder checks it.
+    expected = int(ds.Rows) * int(ds.Columns) * (int(ds.BitsAllocated) // 8)
+    if len(data) < expected:
+        raise TruncatedPixelDataError(
+            f"Pixel Data has {len(data)} bytes, Rows x Columns x BitsAllocated needs {expected}", source=where
+        )
+
+
+# --------------------------------------------------------------------------- grayscale pipeline
+
+
+def _apply_modality_lut(raw: np.ndarray, ds: Dataset, where: str) -> np.ndarray:
+    """Stored values -> modality values (PS3.3 C.11.1): integer LUT output or float32."""
+    if ds.get("ModalityLUTSequence"):
+        try:
+            return apply_modality_lut(raw, ds)
+        except _PYDICOM_ERRORS as exc:
+            raise InvalidHeaderError(
+                f"unusable ModalityLUTSequence ({_cause(exc, ds)})", source=where, reason="invalid_attribute"
+            ) from exc
+
+    rescale = _rescale(ds, where)
+    if rescale is None:
+        return raw
+    slope, intercept = rescale
+    if slope == 1 and intercept == 0:
+        return raw
+    # float32 holds every 16-bit stored value exactly; pydicom's float64 path
+    # would double the memory traffic of the largest array in the pipeline.
+    values = raw.astype(np.float32)
+    if slope != 1:
+        values *= np.float32(slope)
+    if intercept != 0:
+        values += np.float32(intercept)
+    return values
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset, where: str) -> np.ndarray:
+    """Modality values -> float32 in [0, 1] via the VOI LUT, the first window, or a robust range."""
+    if ds.get("VOILUTSequence"):
+        table = _voi_lut_table(ds, where)
+        if table is not None:
+            return _apply_lut_table(values, *table)
+    window = _first_window(ds, where)
+    if window is not None:
+        return _apply_window(values, *window)
+    # No usable VOI in the header (common for Secondary Capture and some CR):
+    # stretch the 0.5-99.5 percentile range of the modality values, so that a
+    # few extreme pixels (collimator edges, burned-in markers) do not flatten
+    # the contrast of the anatomy.
+    return _apply_robust_range(values)
+
+
+def _voi_lut_table(ds: Dataset, where: str) -> tuple[np.ndarray, int] | None:
+    """The first VOI LUT as a float32 table scaled to [0, 1], and its first mapped value.
+
+    Decoded here rather than with pydicom's ``apply_voi``: pydicom 3.0.2 builds
+    its index array in the LUT's output type, so an 8-bit LUT with more than 256
+    entries (e.g. 4096 entries for 12-bit data) wraps every input above 255.
+    """
+    try:
+        item = ds.VOILUTSequence[0]
+        nr_entries, first_mapped, _bits = (int(v) for v in item.LUTDescriptor)
+        table = _lut_data(item, ds, nr_entries or 2**16)
+    except _PYDICOM_ERRORS as exc:
+        logger.warning("%s: unusable VOILUTSequence (%s); trying the window instead", where, _cause(exc, ds))
+        return None
+    low, high = float(table.min()), float(table.max())
+    if high <= low:
+        logger.warning("%s: VOILUTSequence is constant; trying the window instead", where)
+        return None
+    # Scaled by the LUT's own output range rather than 2**bits of its descriptor:
+    # descriptors declaring 16 bits for 12-bit data are a known vendor error
+    # (viewers such as Horos and Cornerstone also use the actual range); with the
+    # nominal range those images would display almost black.
+    scaled = (table.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    return scaled, first_mapped
+
+
+def _lut_data(item: Dataset, ds: Dataset, nr_entries: int) -> np.ndarray:
+    """LUT Data entries: US values, or OW 16-bit words in the transfer syntax's byte order."""
+    value = item["LUTData"].value
+    if isinstance(value, (bytes, bytearray)):
+        little_endian = _transfer_syntax(ds).is_little_endian
+        entries = np.frombuffer(value, dtype="<u2" if little_endian else ">u2", count=len(value) // 2)
+    else:
+        entries = np.asarray(value if isinstance(value, (MultiValue, list, tuple)) else [value], dtype=np.int64)
+    if entries.size < nr_entries:
+        raise ValueError(f"LUTData has {entries.size} entries, LUTDescriptor declares {nr_entries}")
+    return entries[:nr_entries]
+
+
+def _apply_lut_table(values: np.ndarray, table: np.ndarray, first_mapped: int) -> np.ndarray:
+    if values.dtype.kind == "f":
+        index = np.rint(values).astype(np.int64)
+    else:
+        index = values.astype(np.int64)
+    index -= first_mapped
+    # Inputs below the first mapped value take the first entry, above the last the last.
+    np.clip(index, 0, len(table) - 1, out=index)
+    return table[index]
+
+
+def _first_window(ds: Dataset, where: str) -> tuple[float, float, str] | None:
+    """(center, width, function) of the first window, or None if there is no usable one."""
+    has_center, has_width = "WindowCenter" in ds, "WindowWidth" in ds
+    if not has_center and not has_width:
+        return None
+    try:
+        center = _first_value(ds.WindowCenter)
+        width = _first_value(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    except _PYDICOM_ERRORS as exc:
+        logger.warning("%s: unreadable WindowCenter/WindowWidth (%s); using the robust range", where,
+                       _cause(exc, ds))
+        return None
+    problem = None
+    if center is None or width is None or not (math.isfinite(center) and math.isfinite(width)):
+        problem = f"WindowCenter {center} / WindowWidth {width} are not both numbers"
+    elif function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        problem = f"VOILUTFunction '{function}' is not defined by the standard"
+    elif width <= 0 or (function == "LINEAR" and width < 1):
+        # LINEAR needs a width >= 1 (C.11.2.1.2.1); the other functions any width > 0.
+        problem = f"WindowWidth {width} is not valid for VOILUTFunction {function}"
+    if problem is not None:
+        # Not silent: logged with the attribute at fault. The robust range is the
+        # same display the reader gives any image that has no window at all.
+        logger.warning("%s: %s; using the robust range instead", where, problem)
+        return None
+    return center, width, function
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 / C.11.2.1.3, computed in float32 and straight to [0, 1]."""
+    out = values.astype(np.float32, copy=values.dtype != np.float32)
+    if function == "SIGMOID":
+        out -= np.float32(center)
+        out *= np.float32(-4.0 / width)
+        with np.errstate(over="ignore"):  # exp overflow -> inf -> output 0, which is right
+            np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.reciprocal(out, out=out)
+        return out
+    if function == "LINEAR" and width == 1:
+        # The standard's width-1 window is a threshold at center - 0.5.
+        return (out > np.float32(center - 0.5)).astype(np.float32)
+    if function == "LINEAR":
+        # x <= c - 0.5 - (w-1)/2 -> 0; x > c - 0.5 + (w-1)/2 -> 1; linear between.
+        low, span = center - 0.5 - (width - 1) / 2, width - 1
+    else:  # LINEAR_EXACT
+        low, span = center - width / 2, width
+    return _rescale_to_unit(out, low, span)
+
+
+def _apply_robust_range(values: np.ndarray) -> np.ndarray:
+    step = max(1, math.isqrt(values.size // _PERCENTILE_SAMPLE))
+    sample = values[::step, ::step]
+    low, high = (float(v) for v in np.percentile(sample, ROBUST_PERCENTILES))
+    if high <= low:
+        # More than 99% of the pixels share one value (e.g. a mostly black
+        # screenshot): the full range is the only one that shows anything.
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        # A constant image has nothing to show; black rather than NaN.
+        return np.zeros(values.shape, dtype=np.float32)
+    out = values.astype(np.float32, copy=values.dtype != np.float32)
+    return _rescale_to_unit(out, low, high - low)
+
+
+def _rescale_to_unit(out: np.ndarray, low: float, span: float) -> np.ndarray:
+    """In place: (out - low) / span, clipped to [0, 1]; ``out`` is float32 and owned by the caller."""
+    out -= np.float32(low)
+    out *= np.float32(1.0 / span)
+    np.clip(out, np.float32(0.0), np.float32(1.0), out=out)
+    return out
+
+
+# --------------------------------------------------------------------------- attribute helpers
+
+
+def _describe(ds: Dataset | None, path: Path | None) -> str:
+    """File name and/or SOP Instance UID: identifies the object without identifying the patient."""
+    parts = []
+    filename = path.name if path is not None else None
+    if filename is None and ds is not None and isinstance(getattr(ds, "filename", None), (str, os.PathLike)):
+        filename = Path(ds.filename).name
+    if filename:
+        parts.append(filename)
+    uid = None
+    if ds is not None:
+        try:
+            uid = ds.get("SOPInstanceUID")
+        except _PYDICOM_ERRORS:
+            uid = None
+    if uid:
+        parts.append(f"SOP Instance {uid}" if not parts else f"(SOP Instance {uid})")
+    return " ".join(parts) if parts else "<dataset>"
+
+
+def _cause(exc: BaseException, ds: Dataset | None) -> str:
+    """Type and text of a chained error, with any patient identifier of ``ds`` blanked out."""
+    text = f"{type(exc).__name__}: {exc}"
+    if ds is not None:
+        for keyword in _IDENTIFYING_KEYWORDS:
+            try:
+                value = ds.get(keyword)
+            except _PYDICOM_ERRORS:
+                continue
+            values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+            for item in values:
+                item = str(item or "")
+                for token in {item, *item.replace("^", " ").split()}:
+                    if len(token) >= 3:
+                        text = text.replace(token, "<redacted>")
+    return " ".join(text.split())[:300]
+
+
+def _sop_class(ds: Dataset) -> UID | None:
+    value = ds.get("SOPClassUID")
+    if not value:
+        file_meta = getattr(ds, "file_meta", None)
+        value = file_meta.get("MediaStorageSOPClassUID") if file_meta is not None else None
+    return UID(str(value)) if value else None
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    file_meta = getattr(ds, "file_meta", None)
+    value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    return UID(str(value)) if value else None
+
+
+def _photometric(ds: Dataset, where: str) -> str:
+    value = ds.get("PhotometricInterpretation")
+    if not value:
+        raise InvalidHeaderError(
+            "no (0028,0004) PhotometricInterpretation", source=where, reason="missing_attribute"
+        )
+    return str(value).strip().upper()
+
+
+def _optional_int(ds: Dataset, keyword: str, where: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        return int(value)
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidHeaderError(
+            f"{keyword} is not an integer ({type(exc).__name__})", source=where, reason="invalid_attribute"
+        ) from exc
+
+
+def _required_int(ds: Dataset, keyword: str, where: str) -> int:
+    value = _optional_int(ds, keyword, where)
+    if value is None:
+        raise InvalidHeaderError(f"required attribute {keyword} is missing or empty", source=where,
+                                 reason="missing_attribute")
+    return value
+
+
+def _optional_float(ds: Dataset, keyword: str, where: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        result = float(_first_value(value))
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidHeaderError(
+            f"{keyword} is not a number ({type(exc).__name__})", source=where, reason="invalid_attribute"
+        ) from exc
+    if not math.isfinite(result):
+        raise InvalidHeaderError(f"{keyword} is {result}", source=where, reason="invalid_attribute")
+    return result
+
+
+def _first_value(value) -> float | None:
+    """First value of a possibly multi-valued DS/IS element (several windows: the first is the default)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    return float(value)
+
+
+__all__ = ["MAX_PIXELS", "MAX_SIDE", "ROBUST_PERCENTILES", "check_header", "read_radiograph"]

@@ -1,0 +1,543 @@
+"""The audit trail: a Comprehensive SR holding a TID 1500 Measurement Report.
+
+Document layout (``dsrdump`` shows it in this order)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer = DEVICE medxplain <version>, Procedure reported = Plain chest X-ray
+      Imaging Measurements
+        Measurement Group "medxplain run" (TID 1501)
+          Algorithm: medxplain <version>, parameters: bundle ..., settings key
+          Total processing time (ms); Source of Measurement -> source image
+        Measurement Group per explainer: TID 1410 when it has a SEG, else TID 1501
+          Tracking identifier + UID (the SEG segment's TrackingUID when there is one)
+          Finding = <finding>  (e.g. SCT 233604007 "Pneumonia")
+          Algorithm: <method> <version>, one "Algorithm Parameters" item per parameter,
+                     plus bundle name/version/sha256 and settings key
+          Referenced Segmentation Frame -> SEG (+ Source Image For Segmentation)
+          Classifier probability, decision threshold          [-> source image]
+          Counterfactual probability                          [-> last counterfactual SC]
+          Processing time (ms), numeric checks
+          <finding> = Present | Absent   (probability >= threshold)
+          Counterfactual decision flipped = Yes | No, boolean checks
+          Decision (text), text checks
+          Visual Explanation (DCM 130401) -> each SC (overlay, counterfactual steps)
+
+Every object passed in ``records[*].derived`` and the source image are listed
+in CurrentRequestedProcedureEvidenceSequence (all lie in the source study). The
+SR references only objects that are passed in: the pipeline writes it last.
+
+Concepts with no standard code use the private coding scheme ``99MEDXPLAIN``
+(declared in CodingSchemeIdentificationSequence): classifier probability,
+decision threshold, counterfactual probability, counterfactual flipped,
+processing time, decision, and one concept per check name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_io.output import (
+    OutputContext,
+    check_context,
+    check_probability,
+    check_series_number,
+    check_source,
+    check_text,
+    contributing_equipment,
+    finalize_output,
+    header_only,
+    is_medxplain_output,
+    series_description,
+)
+from dicom_io.source import SourceImage
+from dicom_io.uids import derived_uid, instance_uid, series_uid
+
+__all__ = [
+    "ExplainerRecord",
+    "audit_sr",
+    "SR_KIND",
+    "PRIVATE_SCHEME",
+    "finding_code",
+    "CHEST_XRAY_PROCEDURE",
+]
+
+SR_KIND = "sr"
+PRIVATE_SCHEME = "99MEDXPLAIN"
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+#: Procedure reported (TID 1500 row 4): SNOMED CT "Plain chest X-ray".
+CHEST_XRAY_PROCEDURE = Code("399208008", "SCT", "Plain chest X-ray")
+
+_KNOWN_FINDINGS = {
+    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
+}
+
+_PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+_NO_UNITS = Code("1", "UCUM", "no units")
+_MILLISECOND = Code("ms", "UCUM", "millisecond")
+_PRESENT = codes.SCT.Present  # (52101004, SCT, "Present")
+_ABSENT = codes.SCT.Absent  # (272519000, SCT, "Absent")
+_YES = codes.SCT.Yes
+_NO = codes.SCT.No
+_VISUAL_EXPLANATION = codes.DCM.VisualExplanation  # (130401, DCM, "Visual explanation")
+_SOURCE_OF_MEASUREMENT = codes.DCM.SourceOfMeasurement
+
+_CLASSIFIER_PROBABILITY = Code("CLFPROB", PRIVATE_SCHEME, "Classifier probability of finding")
+_DECISION_THRESHOLD = Code("DECTHR", PRIVATE_SCHEME, "Classifier decision threshold")
+_CF_PROBABILITY = Code("CFPROB", PRIVATE_SCHEME, "Classifier probability of counterfactual")
+_CF_FLIPPED = Code("CFFLIP", PRIVATE_SCHEME, "Counterfactual decision flipped")
+_PROCESSING_TIME = Code("PROCMS", PRIVATE_SCHEME, "Processing time")
+_TOTAL_PROCESSING_TIME = Code("TOTALMS", PRIVATE_SCHEME, "Total processing time")
+_DECISION = Code("DECISION", PRIVATE_SCHEME, "Classifier decision")
+
+
+def finding_code(name: str) -> Code:
+    """Code of a finding name: SNOMED CT where known (Pneumonia), else private."""
+    known = _KNOWN_FINDINGS.get(name.strip().lower())
+    if known is not None:
+        return known
+    value = "F-" + hashlib.sha256(name.strip().lower().encode()).hexdigest()[:10].upper()
+    return Code(value, PRIVATE_SCHEME, name.strip()[:64])
+
+
+def _check_code(key: str) -> Code:
+    value = "CHK-" + hashlib.sha256(key.encode()).hexdigest()[:10].upper()
+    return Code(value, PRIVATE_SCHEME, f"check: {key}"[:64])
+
+
+@dataclass(frozen=True)
+class ExplainerRecord:
+    """What one explainer did on one source image (one measurement group of the SR).
+
+    All fields are required (pass None / {} / [] explicitly): an audit record
+    must not silently default a result. ``probability`` is the classifier's
+    probability of the finding and ``threshold`` its decision threshold (the
+    finding is recorded Present when ``probability >= threshold``);
+    ``decision`` is the label the pipeline reported; ``checks`` are the
+    explainer's self-checks (numbers, booleans or short texts);
+    ``processing_ms`` the explainer's own time; ``derived`` the datasets
+    written for it (overlay SC, counterfactual SCs, at most one SEG), exactly
+    as they go to the PACS.
+    """
+
+    method: str
+    method_version: str
+    parameters: dict[str, Any]
+    probability: float
+    threshold: float
+    decision: str
+    counterfactual_probability: float | None
+    flipped: bool | None
+    checks: dict[str, float | bool | str]
+    processing_ms: float
+    derived: list[Dataset]
+
+
+def _check_ms(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f'Argument "{name}" must be a number of milliseconds, got a bool.')
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'Argument "{name}" must be a number of milliseconds, got {value!r}.') from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f'Argument "{name}" must be a finite, non-negative number of milliseconds.')
+    return number
+
+
+def _references_source(derived: Dataset, source_uid: str) -> bool | None:
+    """True/False when ``derived`` says which image it came from, None when it does not."""
+    uids: list[str] = []
+    for item in derived.get("SourceImageSequence", []) or []:
+        uids.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    for series in derived.get("ReferencedSeriesSequence", []) or []:
+        for item in series.get("ReferencedInstanceSequence", []) or []:
+            uids.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    if not uids:
+        return None
+    return source_uid in uids
+
+
+def _validate_record(i: int, record: Any, source: SourceImage) -> ExplainerRecord:
+    name = f"records[{i}]"
+    if not isinstance(record, ExplainerRecord):
+        raise ValueError(f'Argument "{name}" must be an ExplainerRecord, got {type(record).__name__}.')
+    check_text(f"{name}.method", record.method)
+    check_text(f"{name}.method_version", record.method_version)
+    if not isinstance(record.parameters, Mapping):
+        raise ValueError(f'Argument "{name}.parameters" must be a dict.')
+    check_probability(f"{name}.probability", record.probability)
+    check_probability(f"{name}.threshold", record.threshold)
+    check_text(f"{name}.decision", record.decision)
+    check_probability(f"{name}.counterfactual_probability", record.counterfactual_probability, optional=True)
+    if record.flipped is not None and not isinstance(record.flipped, bool):
+        raise ValueError(f'Argument "{name}.flipped" must be True, False or None.')
+    if not isinstance(record.checks, Mapping):
+        raise ValueError(f'Argument "{name}.checks" must be a dict.')
+    for key, value in record.checks.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f'Argument "{name}.checks" keys must be non-empty strings.')
+        if isinstance(value, bool) or isinstance(value, str):
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise ValueError(
+                f'Argument "{name}.checks[{key!r}]" must be a finite number, a bool or a str, got {value!r}.'
+            )
+    _check_ms(f"{name}.processing_ms", record.processing_ms)
+    if isinstance(record.derived, (Dataset, str, bytes)) or not isinstance(record.derived, Sequence):
+        raise ValueError(f'Argument "{name}.derived" must be a list of pydicom Datasets.')
+    src = source.dataset
+    segs = 0
+    for j, ds in enumerate(record.derived):
+        label = f"{name}.derived[{j}]"
+        if not isinstance(ds, Dataset):
+            raise ValueError(f'Argument "{label}" must be a pydicom Dataset.')
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f'Argument "{label}" has no {keyword}.')
+        if ds.StudyInstanceUID != src.StudyInstanceUID:
+            raise ValueError(f'Argument "{label}" belongs to another study than the source.')
+        if not is_medxplain_output(ds):
+            raise ValueError(f'Argument "{label}" is not medxplain output (no medxplain marker).')
+        if _references_source(ds, str(src.SOPInstanceUID)) is False:
+            raise ValueError(f'Argument "{label}" was derived from another image than the source.')
+        if ds.SOPClassUID == SEGMENTATION_STORAGE:
+            segs += 1
+    if segs > 1:
+        raise ValueError(f'Argument "{name}.derived" contains more than one SEG.')
+    return record
+
+
+def _settings_digest(records: Sequence[ExplainerRecord]) -> str:
+    payload = [
+        [r.method, r.method_version, json.dumps(r.parameters, sort_keys=True, default=str)]
+        for r in records
+    ]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def _parameters(record: ExplainerRecord, context: OutputContext) -> list[str]:
+    params = []
+    for key in sorted(record.parameters):
+        value = record.parameters[key]
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        params.append(f"{key}={text}")
+    params.append(f"bundle={context.bundle_description}")
+    params.append(f"settings_key={context.settings_key}")
+    return params
+
+
+def _kind(ds: Dataset) -> str:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "COUNTERFACTUAL" in image_type:
+        return "counterfactual"
+    if "OVERLAY" in image_type:
+        return "overlay"
+    return "other"
+
+
+def _group(
+    record: ExplainerRecord,
+    *,
+    index: int,
+    source: Dataset,
+    context: OutputContext,
+    finding: Code,
+) -> Any:
+    import highdicom as hd
+
+    segs = [d for d in record.derived if d.SOPClassUID == SEGMENTATION_STORAGE]
+    images = [d for d in record.derived if d.SOPClassUID != SEGMENTATION_STORAGE and "Rows" in d]
+    counterfactuals = sorted(
+        (d for d in images if _kind(d) == "counterfactual"), key=lambda d: int(d.get("InstanceNumber", 0))
+    )
+
+    tracking_uid = None
+    if segs and segs[0].get("SegmentSequence"):
+        tracking_uid = segs[0].SegmentSequence[0].get("TrackingUID")
+    if not tracking_uid:
+        tracking_uid = derived_uid(
+            "tracking", str(source.SOPInstanceUID), context.settings_key, SR_KIND, record.method, str(index)
+        )
+    tracking = hd.sr.TrackingIdentifier(
+        uid=tracking_uid, identifier=f"{record.method} explanation of {finding.meaning}"[:64]
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=record.method,
+        version=record.method_version,
+        parameters=_parameters(record, context),
+        manufacturer=context.manufacturer,
+    )
+    source_ref = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=_CLASSIFIER_PROBABILITY,
+            value=float(record.probability),
+            unit=_PROBABILITY_UNIT,
+            referenced_images=[source_ref],
+        ),
+        hd.sr.Measurement(name=_DECISION_THRESHOLD, value=float(record.threshold), unit=_PROBABILITY_UNIT),
+    ]
+    if record.counterfactual_probability is not None:
+        refs = None
+        if counterfactuals:
+            last = counterfactuals[-1]
+            refs = [
+                hd.sr.SourceImageForMeasurement(
+                    referenced_sop_class_uid=last.SOPClassUID,
+                    referenced_sop_instance_uid=last.SOPInstanceUID,
+                )
+            ]
+        measurements.append(
+            hd.sr.Measurement(
+                name=_CF_PROBABILITY,
+                value=float(record.counterfactual_probability),
+                unit=_PROBABILITY_UNIT,
+                referenced_images=refs,
+            )
+        )
+    measurements.append(
+        hd.sr.Measurement(name=_PROCESSING_TIME, value=float(record.processing_ms), unit=_MILLISECOND)
+    )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=finding, value=_PRESENT if record.probability >= record.threshold else _ABSENT
+        )
+    ]
+    if record.flipped is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(name=_CF_FLIPPED, value=_YES if record.flipped else _NO)
+        )
+    texts: list[Any] = [
+        hd.sr.TextContentItem(name=_DECISION, value=record.decision, relationship_type="CONTAINS")
+    ]
+    for key in sorted(record.checks):
+        value = record.checks[key]
+        code = _check_code(key)
+        if isinstance(value, bool):
+            evaluations.append(hd.sr.QualitativeEvaluation(name=code, value=_YES if value else _NO))
+        elif isinstance(value, str):
+            texts.append(hd.sr.TextContentItem(name=code, value=value, relationship_type="CONTAINS"))
+        else:
+            measurements.append(hd.sr.Measurement(name=code, value=float(value), unit=_NO_UNITS))
+
+    common = dict(
+        tracking_identifier=tracking,
+        finding_type=finding,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    if segs:
+        seg = segs[0]
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            # Built explicitly: highdicom's from_segmentation() looks for the
+            # segment number in the per-frame functional groups only, but a
+            # single-segment SEG carries it in the shared functional groups.
+            referenced_segment=hd.sr.ReferencedSegmentationFrame(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                frame_number=1,
+                segment_number=1,
+                source_image=hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=source.SOPClassUID,
+                    referenced_sop_instance_uid=source.SOPInstanceUID,
+                ),
+            ),
+            **common,
+        )
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=source.SOPClassUID,
+                    referenced_sop_instance_uid=source.SOPInstanceUID,
+                )
+            ],
+            **common,
+        )
+    content = group[0].ContentSequence
+    for item in content:
+        # The Image Reference Macro forbids Referenced Segment Number next to
+        # Referenced Frame Number (dciodvfy error); the frame identifies the
+        # segment. highdicom writes both, so drop the segment number.
+        if item.get("ValueType") == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121214":
+            for ref in item.ReferencedSOPSequence:
+                if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                    del ref.ReferencedSegmentNumber
+    content.extend(texts)
+    for image in sorted(images, key=lambda d: (_kind(d) != "overlay", int(d.get("InstanceNumber", 0)))):
+        content.append(
+            hd.sr.ImageContentItem(
+                name=_VISUAL_EXPLANATION,
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+                relationship_type="CONTAINS",
+            )
+        )
+    return group
+
+
+def audit_sr(
+    *,
+    source: SourceImage,
+    records: Sequence[ExplainerRecord],
+    context: OutputContext,
+    series_number: int,
+    finding_name: str = "Pneumonia",
+    total_processing_ms: float,
+    instance_number: int = 1,
+) -> Dataset:
+    """Comprehensive SR (TID 1500) recording what ran, on what, with which result.
+
+    Parameters
+    ----------
+    source:
+        the explained radiograph.
+    records:
+        one :class:`ExplainerRecord` per explainer (at least one); every dataset
+        in their ``derived`` lists must be medxplain output of this source in
+        this study, and appears in the evidence and the content tree.
+    finding_name:
+        the classifier's positive class ("Pneumonia" -> SCT 233604007).
+    total_processing_ms:
+        wall time of the whole job (read, classify, explain, write).
+    """
+    import highdicom as hd
+
+    check_source(source)
+    context = check_context(context)
+    series_number = check_series_number(series_number)
+    if isinstance(instance_number, bool) or not isinstance(instance_number, int) or instance_number < 1:
+        raise ValueError(f'Argument "instance_number" must be a positive integer, got {instance_number!r}.')
+    finding_name = check_text("finding_name", finding_name)
+    total_ms = _check_ms("total_processing_ms", total_processing_ms)
+    if isinstance(records, (ExplainerRecord, str, bytes)) or not isinstance(records, Sequence):
+        raise ValueError('Argument "records" must be a list of ExplainerRecord.')
+    if len(records) == 0:
+        raise ValueError('Argument "records" must contain at least one ExplainerRecord.')
+    records = [_validate_record(i, r, source) for i, r in enumerate(records)]
+    seen: set[str] = set()
+    for i, record in enumerate(records):
+        for ds in record.derived:
+            uid = str(ds.SOPInstanceUID)
+            if uid in seen:
+                raise ValueError(f'Argument "records[{i}].derived" repeats instance {uid}.')
+            seen.add(uid)
+
+    src = header_only(source.dataset)
+    finding = finding_code(finding_name)
+
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("device", context.manufacturer, context.serial_number),
+        name="medxplain",
+        manufacturer_name=context.manufacturer,
+        model_name="medxplain",
+        serial_number=context.serial_number,
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+    run_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid("tracking", str(src.SOPInstanceUID), context.settings_key, SR_KIND, "run"),
+            identifier="medxplain run",
+        ),
+        finding_type=finding,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name="medxplain",
+            version=context.software_version,
+            parameters=[
+                f"bundle={context.bundle_description}",
+                f"settings_key={context.settings_key}",
+                "explainers=" + ", ".join(f"{r.method} {r.method_version}" for r in records),
+            ],
+            manufacturer=context.manufacturer,
+        ),
+        measurements=[
+            hd.sr.Measurement(
+                name=_TOTAL_PROCESSING_TIME,
+                value=total_ms,
+                unit=_MILLISECOND,
+                referenced_images=[
+                    hd.sr.SourceImageForMeasurement(
+                        referenced_sop_class_uid=src.SOPClassUID,
+                        referenced_sop_instance_uid=src.SOPInstanceUID,
+                    )
+                ],
+            )
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=src.SOPClassUID,
+                referenced_sop_instance_uid=src.SOPInstanceUID,
+            )
+        ],
+    )
+    groups = [run_group] + [
+        _group(r, index=i, source=src, context=context, finding=finding) for i, r in enumerate(records)
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=CHEST_XRAY_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    evidence = [src] + [header_only(d) for r in records for d in r.derived]
+    key = f"{context.settings_key}:{_settings_digest(records)}"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        sr = hd.sr.ComprehensiveSR(
+            evidence=evidence,
+            content=report[0],
+            series_instance_uid=series_uid(
+                source_study_instance_uid=src.StudyInstanceUID,
+                settings_key=context.settings_key,
+                kind=SR_KIND,
+            ),
+            series_number=series_number,
+            sop_instance_uid=instance_uid(
+                source_sop_instance_uid=src.SOPInstanceUID,
+                bundle_sha256=context.bundle_sha256,
+                settings_key=key,
+                kind=SR_KIND,
+            ),
+            instance_number=instance_number,
+            manufacturer=context.manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=context.institution_name,
+            institutional_department_name=context.institutional_department_name,
+            record_evidence=True,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[contributing_equipment(context, description="explanation audit report")],
+            series_description=series_description(SR_KIND, "audit"),
+            manufacturer_model_name="medxplain",
+            software_versions=context.software_version,
+            coding_schemes=[
+                hd.coding_schemes.CodingSchemeIdentificationItem(
+                    designator=PRIVATE_SCHEME,
+                    name="medxplain local concepts",
+                    responsible_organization="medxplain",
+                )
+            ],
+        )
+    finalize_output(sr, source=source.dataset, context=context, kind=SR_KIND, method="audit")
+    return sr

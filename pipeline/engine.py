@@ -1,0 +1,209 @@
+"""The work of one job: source radiographs -> classifier -> explainers -> DICOM objects.
+
+Loaded once (bundle, classifier, explainers kept warm), then called per batch of
+images. Delivery (a folder, Orthanc, C-STORE) is the caller's business: the engine
+returns pydicom datasets, the SR of each image last.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+import explainers.baselines  # noqa: F401  (registers the baseline methods)
+from config.schema import MedxplainConfig
+from dicom_io.output import OutputContext, is_medxplain_output
+from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.sc import counterfactual_sc, overlay_sc
+from dicom_io.seg import saliency_seg
+from dicom_io.source import SourceImage
+from dicom_io.sr import ExplainerRecord, audit_sr
+from explainers.base import Explainer, explainer_class
+from explainers.bundle import Bundle
+
+SOFTWARE_VERSION = package_version("medxplain")
+
+
+@dataclass
+class MethodResult:
+    method: str
+    milliseconds: float
+    checks: dict[str, float | bool | str]
+    counterfactual_probability: float | None = None
+    flipped: bool | None = None
+    datasets: list[Dataset] = field(default_factory=list)
+
+
+@dataclass
+class ImageResult:
+    source: SourceImage
+    probability: float
+    decision: str
+    methods: list[MethodResult]
+    report: Dataset | None
+    milliseconds: float
+
+    def datasets(self) -> list[Dataset]:
+        """Every object to deliver, the SR last (it references all the others)."""
+        out = [ds for m in self.methods for ds in m.datasets]
+        return out + ([self.report] if self.report is not None else [])
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device (use --device auto or cpu)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def build_explainer(name: str, bundle: Bundle, parameters: dict) -> Explainer:
+    cls = explainer_class(name)
+    kwargs = {"threshold": bundle.spec.task.threshold, **parameters}
+    if name == "gradcam":
+        kwargs.setdefault("cam_layer", bundle.cam_layer)
+    builder = getattr(cls, "from_bundle", None)
+    return builder(bundle, **kwargs) if builder else cls(**kwargs)
+
+
+class Engine:
+    def __init__(self, config: MedxplainConfig):
+        self.config = config
+        self.bundle = Bundle.load(config.bundle_path())
+        self.device = resolve_device(config.device)
+        self.classifier = self.bundle.load_classifier(
+            trusted_torchscript=tuple(config.trusted_torchscript), device=str(self.device))
+        spec = self.bundle.spec
+        self.preprocessor = Preprocessor(InputSpec(tuple(spec.input.size), spec.input.aspect))
+        self.explainers = [build_explainer(name, self.bundle, config.explainer_parameters.get(name, {}))
+                           for name in config.explainers]
+
+    # -- model side ---------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.precision != "float32":
+            return torch.autocast("cuda", dtype=getattr(torch, self.config.precision))
+        return contextlib.nullcontext()
+
+    def preprocess(self, sources: list[SourceImage]) -> list:
+        return [self.preprocessor(s.display) for s in sources]
+
+    def classify(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return torch.sigmoid(self.classifier(batch.to(self.device)).float()).cpu()
+
+    def context(self, settings_key: str) -> OutputContext:
+        spec = self.bundle.spec
+        return OutputContext(software_version=SOFTWARE_VERSION, bundle_name=spec.name,
+                             bundle_version=spec.version, bundle_sha256=self.bundle.sha256,
+                             settings_key=settings_key)
+
+    def decision(self, probability: float) -> str:
+        task = self.bundle.spec.task
+        return task.positive_label if probability >= task.threshold else task.negative_label
+
+    # -- the job --------------------------------------------------------------
+    def run(self, sources: list[SourceImage]) -> list[ImageResult]:
+        """Explain images in batches of ``config.batch_size``."""
+        for source in sources:
+            if is_medxplain_output(source.dataset):
+                raise ValueError(f"{source.sop_instance_uid}: is medxplain output; it is never explained again")
+        results: list[ImageResult] = []
+        size = self.config.batch_size
+        for start in range(0, len(sources), size):
+            results.extend(self._run_batch(sources[start:start + size]))
+        return results
+
+    def _run_batch(self, sources: list[SourceImage]) -> list[ImageResult]:
+        started = time.perf_counter()
+        model_inputs = self.preprocess(sources)
+        batch = torch.stack([m.as_tensor() for m in model_inputs]).to(self.device)
+        probability = self.classify(batch)
+        per_image: list[list[MethodResult]] = [[] for _ in sources]
+        records: list[list[ExplainerRecord]] = [[] for _ in sources]
+        outputs = self.config.outputs
+        for index, explainer in enumerate(self.explainers):
+            t0 = time.perf_counter()
+            with self._autocast():
+                explanation = explainer.explain(batch, self.classifier)
+            ms_each = (time.perf_counter() - t0) * 1000.0 / len(sources)
+            context = self.context(explainer.settings_key(self.bundle.sha256))
+            series = outputs.first_series_number + 10 * (index + 1)
+            for i, source in enumerate(sources):
+                result = self._write_method(source, model_inputs[i], explainer, explanation, i,
+                                            float(probability[i]), context, series, ms_each)
+                per_image[i].append(result)
+                records[i].append(ExplainerRecord(
+                    method=explainer.name, method_version=explainer.version, parameters=explainer.parameters,
+                    probability=float(probability[i]), threshold=explainer.threshold,
+                    decision=self.decision(float(probability[i])),
+                    counterfactual_probability=result.counterfactual_probability, flipped=result.flipped,
+                    checks=result.checks, processing_ms=result.milliseconds, derived=result.datasets))
+        elapsed_each = (time.perf_counter() - started) * 1000.0 / len(sources)
+        results = []
+        for i, source in enumerate(sources):
+            report = None
+            if outputs.report:
+                keys = "+".join(e.settings_key(self.bundle.sha256) for e in self.explainers)
+                report = audit_sr(source=source, records=records[i],
+                                  context=self.context(hashlib.sha256(keys.encode()).hexdigest()[:16]),
+                                  series_number=outputs.first_series_number,
+                                  finding_name=self.bundle.spec.task.finding, total_processing_ms=elapsed_each)
+            results.append(ImageResult(source=source, probability=float(probability[i]),
+                                       decision=self.decision(float(probability[i])), methods=per_image[i],
+                                       report=report, milliseconds=elapsed_each))
+        return results
+
+    def _write_method(self, source: SourceImage, model_input, explainer: Explainer, explanation, i: int,
+                      probability: float, context: OutputContext, series: int, ms_each: float) -> MethodResult:
+        outputs = self.config.outputs
+        task = self.bundle.spec.task
+        checks = dict(explanation.checks[i])
+        saliency = np.clip(self.preprocessor.to_source(model_input, explanation.saliency[i].float().cpu()), 0, 1)
+        result = MethodResult(method=explainer.name, milliseconds=ms_each, checks=checks)
+        if explanation.counterfactuals is not None:
+            path_prob = explanation.path_probability[i].float().cpu().tolist()
+            result.counterfactual_probability = float(path_prob[-1])
+            result.flipped = (path_prob[-1] >= task.threshold) != (probability >= task.threshold)
+            checks["flipped"] = result.flipped
+            if outputs.counterfactual:
+                # Residual trick: the source plus the upsampled model-space change, so the
+                # generator's resolution never blurs the patient's image.
+                steps = explanation.counterfactuals[i, :, 0].float().cpu()
+                differences = self.preprocessor.to_source(model_input, steps - model_input.as_tensor().cpu())
+                images = [np.clip(source.display + d, 0.0, 1.0) for d in differences]
+                result.datasets += counterfactual_sc(
+                    source=source, images=images, path_probability=path_prob, method=explainer.name,
+                    context=context, series_number=series + 2, positive_label=task.positive_label)
+        if outputs.overlay:
+            result.datasets.append(overlay_sc(
+                source=source, saliency=saliency, method=explainer.name, probability=probability,
+                decision=self.decision(probability), counterfactual_probability=result.counterfactual_probability,
+                flipped=result.flipped, context=context, series_number=series + 1,
+                positive_label=task.positive_label))
+        if outputs.segmentation:
+            mask = most_salient_region(saliency, outputs.segmentation_top_fraction)
+            if mask.any():
+                result.datasets.append(saliency_seg(
+                    source=source, mask=mask, method=explainer.name, context=context, series_number=series + 3,
+                    method_version=explainer.version, parameters=explainer.parameters))
+            else:
+                checks["segmentation"] = "saliency map is empty: no SEG written"
+        return result
+
+
+def most_salient_region(saliency: np.ndarray, top_fraction: float) -> np.ndarray:
+    """The connected region, among the top ``top_fraction`` of pixels, that holds the peak."""
+    if not np.any(saliency > 0):
+        return np.zeros(saliency.shape, dtype=bool)
+    cut = np.quantile(saliency, 1.0 - top_fraction)
+    candidate = saliency >= max(cut, np.finfo(np.float32).tiny)
+    labels, _ = ndimage.label(candidate)
+    peak = np.unravel_index(int(np.argmax(np.where(candidate, saliency, -1))), saliency.shape)
+    return labels == labels[peak]
