@@ -7,6 +7,13 @@ extended / lossless, JPEG-LS, JPEG 2000, RLE). It applies the grayscale pipeline
 of PS3.3 C.11 (Modality LUT, then VOI LUT or window, then MONOCHROME1 inversion)
 and returns values in [0, 1].
 
+Decoding is pydicom 3's ``pixel_array`` (its pixel handlers with the pylibjpeg,
+pyjpegls and Pillow plugins) and a Modality LUT Sequence goes through pydicom's
+``apply_modality_lut``. Rescale, windows and VOI LUT Sequences are computed here,
+in float32 and straight to [0, 1]: pydicom's windowing works in float64 in the
+stored-bit range (twice the memory traffic, then a second normalisation), and
+its ``apply_voi`` mis-indexes 8-bit LUTs with more than 256 entries (3.0.2).
+
 ``check_header`` applies the same acceptance rules to a header without decoding
 pixels, so that a cheap pre-check (e.g. on the Orthanc side) and the reader agree.
 
@@ -296,6 +303,13 @@ def _check_is_image(ds: Dataset, where: str) -> None:
         raise MissingPixelDataError(
             f"SOP Class '{sop_class.name}' but no Pixel Data, Rows or Columns (damaged or header-only object)",
             source=where,
+        )
+    if sop_class is None:
+        # No SOP Class anywhere and no image attributes: not a composite object
+        # at all, typically garbage after a valid-looking preamble.
+        raise UnreadableFileError(
+            "no SOP Class UID, Pixel Data, Rows or Columns: not a usable DICOM object", source=where,
+            reason="unparseable",
         )
     raise NotAnImageError("no Pixel Data and no Rows/Columns: not an image object", source=where)
 

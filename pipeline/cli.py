@@ -61,8 +61,15 @@ def explain_command(
     if not files:
         console.print("[red]no input files found[/]")
         raise typer.Exit(2)
-    with console.status("loading bundle and models"):
-        engine = Engine(cfg)
+    from explainers.bundle import BundleError
+
+    try:
+        with console.status("loading bundle and models"):
+            engine = Engine(cfg)
+    except (BundleError, KeyError, RuntimeError) as exc:
+        # Setup errors (bundle, explainer names, device) stop before any file is touched.
+        console.print(f"[red]cannot start:[/] {exc.args[0] if isinstance(exc, KeyError) else exc}")
+        raise typer.Exit(2)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         bar = progress.add_task("explaining", total=len(files))
