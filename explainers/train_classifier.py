@@ -70,6 +70,7 @@ def train_classifier(
     config: ClassifierTrainingConfig,
     checkpoint_dir: Path,
     on_step: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> ClassifierTrainingResult:
     """Train in place; leaves the best-validation-AUROC weights in ``model``."""
     started = time.perf_counter()
@@ -136,6 +137,8 @@ def train_classifier(
             "log_keys": keys, "log": torch.tensor([[r[k] for k in keys] for r in log]),
         }, last)
         write_log(log, checkpoint_dir.parent / "classifier_training_log.csv")
+        if on_epoch:
+            on_epoch(row)
 
     model.load_state_dict(torch.load(best, weights_only=True)["model"])
     val_prob = _predict(model, val_images, 128, device)

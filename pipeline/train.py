@@ -62,9 +62,14 @@ def train_classifier_bundle(
             progress.update(bar, completed=epoch * steps + step, loss=loss,
                             description=f"epoch {epoch + 1}/{epochs}")
 
+        def on_epoch(row: dict[str, float]) -> None:
+            # Visible in a log file too (the bar only draws on a terminal).
+            progress.console.print(f"epoch {int(row['epoch']) + 1}/{epochs}: loss {row['train_loss']:.4f}, "
+                                   f"val AUROC {row['val_auroc']:.4f}, {row['seconds']:.0f} s")
+
         result = train_classifier(
             model, splits["train"].float_images(), splits["train"].labels,
-            splits["val"].float_images(), splits["val"].labels, config, out / ".checkpoints", on_step,
+            splits["val"].float_images(), splits["val"].labels, config, out / ".checkpoints", on_step, on_epoch,
         )
 
     test_prob = predict_probabilities(model, splits["test"].float_images(), device)
