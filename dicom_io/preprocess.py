@@ -78,10 +78,11 @@ class Preprocessor:
         expected = tuple(model_space.shape[-2:])
         if tuple(values.shape[-2:]) != expected:
             raise ValueError(f"map shape {tuple(values.shape[-2:])} does not match model grid {expected}")
-        traced = MetaTensor(values, applied_operations=list(model_space.applied_operations))
-        if not model_space.applied_operations:
+        operations = getattr(model_space, "applied_operations", None)
+        if not operations:  # a plain tensor has no trace at all
             raise ValueError("model_space carries no MONAI trace: it was not made by this Preprocessor")
-        source_shape = tuple(int(v) for v in model_space.applied_operations[0]["orig_size"])
+        traced = MetaTensor(values, applied_operations=list(operations))
+        source_shape = tuple(int(v) for v in operations[0]["orig_size"])
         back = self._chain(source_shape).inverse(traced)
         array = back.as_tensor().numpy()
         return array[0] if squeeze else array

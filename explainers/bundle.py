@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -152,7 +153,11 @@ class Bundle:
             if not spec.architecture:
                 raise BundleError(f"{self.root}: classifier.architecture is required for safetensors weights")
             network = build_network(spec.architecture, spec.parameters)
-            network.load_state_dict(load_file(str(path), device="cpu"))
+            try:
+                network.load_state_dict(load_file(str(path), device="cpu"))
+            except (RuntimeError, SafetensorError) as exc:
+                raise BundleError(f"{path.name}: weights do not fit {spec.architecture} {spec.parameters}: "
+                                  f"{str(exc).splitlines()[0]}") from exc
         model = BinaryClassifier(network, mean=self.spec.input.mean, std=self.spec.input.std, output=spec.output)
         return model.to(device).eval()
 
