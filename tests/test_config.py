@@ -32,7 +32,7 @@ def test_shipped_defaults_load_and_validate():
     assert cfg.batch_size == 8
     assert cfg.device == "auto"
     assert cfg.precision == "float32"
-    assert cfg.explainer_parameters["ig"] == {"steps": 32}
+    assert cfg.explainer_parameters["ig"] == {"steps": 50}
     assert cfg.explainer_parameters["occlusion"] == {"window": 16, "stride": 8}
     assert cfg.outputs.overlay and cfg.outputs.report
     assert cfg.outputs.segmentation_top_fraction == 0.05
@@ -80,7 +80,7 @@ def test_overrides_apply():
     assert cfg.explainers == ["ig"]
     assert cfg.device == "cpu"
     # untouched options keep their values
-    assert cfg.explainer_parameters["ig"] == {"steps": 32}
+    assert cfg.explainer_parameters["ig"] == {"steps": 50}
 
 
 def test_none_overrides_are_ignored():
