@@ -220,12 +220,24 @@ def _validate_record(i: int, record: Any, source: SourceImage) -> ExplainerRecor
     return record
 
 
-def _settings_digest(records: Sequence[ExplainerRecord]) -> str:
-    payload = [
-        [r.method, r.method_version, json.dumps(r.parameters, sort_keys=True, default=str)]
-        for r in records
-    ]
+def _settings_digest(methods: Sequence[tuple[str, str, Mapping[str, Any]]]) -> str:
+    payload = [[m, v, json.dumps(dict(p), sort_keys=True, default=str)] for m, v, p in methods]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def report_uid(
+    *, source_sop_instance_uid: str, context: OutputContext,
+    methods: Sequence[tuple[str, str, Mapping[str, Any]]],
+) -> str:
+    """SOP Instance UID that :func:`audit_sr` gives the report of this source with
+    these (method, version, parameters): known before any work, so a PACS worker
+    can look it up and skip an image that is already explained."""
+    return instance_uid(
+        source_sop_instance_uid=source_sop_instance_uid,
+        bundle_sha256=context.bundle_sha256,
+        settings_key=f"{context.settings_key}:{_settings_digest(methods)}",
+        kind=SR_KIND,
+    )
 
 
 def _parameters(record: ExplainerRecord, context: OutputContext) -> list[str]:
@@ -500,7 +512,6 @@ def audit_sr(
         imaging_measurements=groups,
     )
     evidence = [src] + [header_only(d) for r in records for d in r.derived]
-    key = f"{context.settings_key}:{_settings_digest(records)}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
         sr = hd.sr.ComprehensiveSR(
@@ -512,11 +523,10 @@ def audit_sr(
                 kind=SR_KIND,
             ),
             series_number=series_number,
-            sop_instance_uid=instance_uid(
+            sop_instance_uid=report_uid(
                 source_sop_instance_uid=src.SOPInstanceUID,
-                bundle_sha256=context.bundle_sha256,
-                settings_key=key,
-                kind=SR_KIND,
+                context=context,
+                methods=[(r.method, r.method_version, r.parameters) for r in records],
             ),
             instance_number=instance_number,
             manufacturer=context.manufacturer,

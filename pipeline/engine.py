@@ -24,7 +24,7 @@ from dicom_io.preprocess import InputSpec, Preprocessor
 from dicom_io.sc import counterfactual_sc, overlay_sc
 from dicom_io.seg import saliency_seg
 from dicom_io.source import SourceImage
-from dicom_io.sr import ExplainerRecord, audit_sr
+from dicom_io.sr import ExplainerRecord, audit_sr, report_uid
 from explainers.base import Explainer, explainer_class
 from explainers.bundle import Bundle
 
@@ -104,6 +104,15 @@ class Engine:
                              bundle_version=spec.version, bundle_sha256=self.bundle.sha256,
                              settings_key=settings_key)
 
+    def report_context(self) -> OutputContext:
+        keys = "+".join(e.settings_key(self.bundle.sha256) for e in self.explainers)
+        return self.context(hashlib.sha256(keys.encode()).hexdigest()[:16])
+
+    def report_uid(self, source_sop_instance_uid: str) -> str:
+        """The SR UID this engine will give the source: present in the PACS = already explained."""
+        return report_uid(source_sop_instance_uid=source_sop_instance_uid, context=self.report_context(),
+                          methods=[(e.name, e.version, e.parameters) for e in self.explainers])
+
     def decision(self, probability: float) -> str:
         task = self.bundle.spec.task
         return task.positive_label if probability >= task.threshold else task.negative_label
@@ -150,9 +159,7 @@ class Engine:
         for i, source in enumerate(sources):
             report = None
             if outputs.report:
-                keys = "+".join(e.settings_key(self.bundle.sha256) for e in self.explainers)
-                report = audit_sr(source=source, records=records[i],
-                                  context=self.context(hashlib.sha256(keys.encode()).hexdigest()[:16]),
+                report = audit_sr(source=source, records=records[i], context=self.report_context(),
                                   series_number=outputs.first_series_number,
                                   finding_name=self.bundle.spec.task.finding, total_processing_ms=elapsed_each)
             results.append(ImageResult(source=source, probability=float(probability[i]),
