@@ -28,6 +28,62 @@ class OutputsConfig(_Strict):
     first_series_number: int = Field(9000, ge=1, description="series numbers of our output start here")
 
 
+class QueueConfig(_Strict):
+    path: Path = Field(Path("data/queue.db"), description="SQLite job queue file (WAL mode); relative to the "
+                                                          "project root")
+    max_attempts: int = Field(5, ge=1, description="attempts before a job goes to the dead-letter state")
+    backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles per attempt")
+    backoff_max_s: float = Field(600.0, gt=0, description="longest retry delay")
+    lease_s: float = Field(300.0, gt=0, description="a job leased longer than this without renewal is retried")
+
+
+class WorkerConfig(_Strict):
+    poll_interval_s: float = Field(0.2, gt=0, description="how often an idle worker looks for jobs")
+    audit_log: Path = Field(Path("data/audit.jsonl"), description="JSON-lines audit log (no patient data)")
+
+
+class OrthancConfig(_Strict):
+    url: str = Field("http://127.0.0.1:8042", description="Orthanc REST base URL the worker uses")
+    username: str = Field("medxplain", description="the worker's own Orthanc user")
+    password_env: str = Field("MEDXPLAIN_ORTHANC_PASSWORD",
+                              description="environment variable holding that user's password")
+    timeout_s: float = Field(60.0, gt=0, description="HTTP timeout per request")
+
+
+class MatchRule(_Strict):
+    """Which instances a rule applies to; an empty list matches anything."""
+
+    name: str
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    sop_class_uids: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list, description="BodyPartExamined values, e.g. [CHEST]")
+    view_positions: list[str] = Field(default_factory=list, description="ViewPosition values, e.g. [PA, AP]")
+    bundle: Path | None = Field(None, description="bundle for matching images (default: the top-level bundle)")
+    explainers: list[str] | None = Field(None, description="methods for matching images (default: top level)")
+
+
+class CStoreDestination(_Strict):
+    ae_title: str = Field(..., max_length=16)
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+    calling_ae_title: str = Field("MEDXPLAIN", max_length=16)
+
+
+class DeliveryConfig(_Strict):
+    orthanc: bool = Field(True, description="store results into the same Orthanc (REST)")
+    cstore: CStoreDestination | None = Field(None, description="also C-STORE results to this AE (e.g. the PACS)")
+
+
+class DicomNodeConfig(_Strict):
+    ae_title: str = Field("MEDXPLAIN", max_length=16, description="our AE title for `medxplain serve-dicom`")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list,
+                                                 description="only these peers may send; empty = refuse all")
+    quiet_s: float = Field(5.0, gt=0, description="a study is complete after this long without new instances")
+    spool: Path = Field(Path("data/spool"), description="received instances, kept until their job is done")
+
+
 class MedxplainConfig(_Strict):
     bundle: Path = Field(Path("bundles/demo-pneumonia"),
                          description="model bundle folder (relative paths are from the project root)")
@@ -43,6 +99,15 @@ class MedxplainConfig(_Strict):
     trusted_torchscript: list[str] = Field(
         default_factory=list, description="sha256 of TorchScript classifier files allowed to load")
     max_pixels: int = Field(60_000_000, ge=1, description="reject images with more pixels than this")
+    rules: list[MatchRule] = Field(
+        default_factory=lambda: [MatchRule(name="chest radiographs")],
+        description="PACS eligibility: the first rule an instance matches decides bundle and explainers; "
+                    "an instance no rule matches is skipped with a reason")
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    orthanc: OrthancConfig = Field(default_factory=OrthancConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    dicom_node: DicomNodeConfig = Field(default_factory=DicomNodeConfig)
 
     @field_validator("explainers")
     @classmethod
@@ -52,4 +117,9 @@ class MedxplainConfig(_Strict):
         return value
 
     def bundle_path(self) -> Path:
-        return self.bundle if self.bundle.is_absolute() else PROJECT_ROOT / self.bundle
+        return resolve(self.bundle)
+
+
+def resolve(path: Path) -> Path:
+    """Relative paths in the config are relative to the project root."""
+    return path if path.is_absolute() else PROJECT_ROOT / path
