@@ -198,6 +198,16 @@ class JobQueue:
             db.execute("COMMIT")
             return state
 
+    def release(self, job_id: str, owner: str) -> bool:
+        """Give a leased job back untouched (worker shutting down): pending again at
+        once, and the attempt it used is not counted."""
+        now = time.time()
+        with self._connect() as db:
+            cur = db.execute("UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), not_before = ?, "
+                             "lease_owner = NULL, lease_expires = NULL, updated = ? "
+                             "WHERE id = ? AND state = 'leased' AND lease_owner = ?", (now, now, job_id, owner))
+            return cur.rowcount == 1
+
     def retry(self, job_id: str) -> bool:
         """Put a dead (or done) job back to pending with fresh attempts."""
         now = time.time()

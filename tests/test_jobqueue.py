@@ -111,3 +111,13 @@ def test_concurrent_workers_take_each_job_exactly_once(tmp_path):
         p.join(timeout=30)
     assert sorted(taken) == sorted(f"k{i}" for i in range(60))
     assert q.counts()["done"] == 60
+
+
+def test_release_gives_the_job_back_without_counting_an_attempt(tmp_path):
+    q = JobQueue(tmp_path / "q.db")
+    job_id, _ = q.enqueue("k")
+    q.lease("w")
+    assert not q.release(job_id, "someone-else")
+    assert q.release(job_id, "w")
+    job = q.lease("w2")
+    assert job.id == job_id and job.attempts == 1
