@@ -92,6 +92,15 @@ def _stroke(size: int) -> int:
     return max(1, size // 28)
 
 
+MIN_OVERLAY_WIDTH = 640
+
+
+def _enlarge(values: np.ndarray, factor: int) -> np.ndarray:
+    image = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    size = (values.shape[1] * factor, values.shape[0] * factor)
+    return np.clip(np.asarray(image.resize(size, Image.Resampling.BILINEAR)), 0.0, 1.0)
+
+
 def _blend(gray_rgb: np.ndarray, saliency: np.ndarray, *, threshold: float, max_alpha: float) -> np.ndarray:
     alpha = saliency_alpha(saliency, threshold=threshold, max_alpha=max_alpha)[..., None]
     colour = colormap(saliency).astype(np.float32)
@@ -118,6 +127,12 @@ def render_overlay(
     (already validated by the caller). Saliency below ``threshold`` is fully
     transparent; above it, colour opacity rises linearly to ``max_alpha``.
     """
+    if display.shape[1] < MIN_OVERLAY_WIDTH:
+        # Small sources (e.g. 224 px) are enlarged so that the burned-in text, above
+        # all "NOT FOR DIAGNOSTIC USE", is never truncated. The overlay is a
+        # Secondary Capture: it claims no pixel correspondence with the source.
+        factor = int(np.ceil(MIN_OVERLAY_WIDTH / display.shape[1]))
+        display, saliency = (_enlarge(a, factor) for a in (display, saliency))
     rows, cols = display.shape
     gray = np.round(np.clip(display, 0.0, 1.0) * 255.0).astype(np.uint8)
     gray_rgb = np.repeat(gray[..., None], 3, axis=2)

@@ -1,14 +1,116 @@
 #!/usr/bin/env bash
-# The end-to-end demo on the shipped demo bundle: build a demo study from
-# ../shared/data, explain it, and print the summary table and where the
-# DICOM objects are. (Run through `make demo`, which installs first.)
+# The end-to-end PACS demo (run through `make demo`, which installs first):
+#   1. build the demo studies from ../shared/data (scripts/make_demo_study.py);
+#   2. start Orthanc with the medxplain plugin and worker (`medxplain orthanc`,
+#      data in out/demo/orthanc, loopback ports, authentication on);
+#   3. send the studies with dcmtk's storescu, as a modality would;
+#   4. wait until the worker has written the results into the same studies;
+#   5. print what was made and where to see it; stop Orthanc unless
+#      MEDXPLAIN_DEMO_KEEP=1 (then stop it with `medxplain orthanc --stop --data ...`).
+# Settings: MEDXPLAIN_DEMO_OUT (out/demo), MEDXPLAIN_DEMO_HTTP_PORT (8043),
+# MEDXPLAIN_DEMO_DICOM_PORT (4243), MEDXPLAIN_DEMO_EXPLAINERS (gradcam,ig,occlusion),
+# MEDXPLAIN_DEMO_TIMEOUT (seconds to wait for results, 900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${MEDXPLAIN_DEMO_OUT:-out/demo}
+DATA="$OUT/orthanc"
+HTTP_PORT=${MEDXPLAIN_DEMO_HTTP_PORT:-8043}
+DICOM_PORT=${MEDXPLAIN_DEMO_DICOM_PORT:-4243}
+EXPLAINERS=${MEDXPLAIN_DEMO_EXPLAINERS:-gradcam,ig,occlusion}
+TIMEOUT=${MEDXPLAIN_DEMO_TIMEOUT:-900}
+MEDXPLAIN=.venv/bin/medxplain
+
+command -v storescu >/dev/null || { echo "error: storescu not found (Debian package dcmtk)" >&2; exit 2; }
+
 rm -rf "$OUT/input"
 .venv/bin/python scripts/make_demo_study.py --out "$OUT/input"
-.venv/bin/medxplain explain "$OUT/input" --out "$OUT/results" --bundle bundles/demo-pneumonia \
-  --explainers gradcam,ig,occlusion
+
+# A demo Orthanc left running on the same data folder is stopped first.
+$MEDXPLAIN orthanc --stop --data "$DATA" >/dev/null
+$MEDXPLAIN orthanc --data "$DATA" --http-port "$HTTP_PORT" --dicom-port "$DICOM_PORT" --stable-age 2 \
+  --explainers "$EXPLAINERS"
+
+stop_orthanc() {
+  if [ "${MEDXPLAIN_DEMO_KEEP:-0}" != "1" ]; then
+    echo
+    echo "Stopping Orthanc (set MEDXPLAIN_DEMO_KEEP=1 to leave it running)."
+    $MEDXPLAIN orthanc --stop --data "$DATA"
+  fi
+}
+trap stop_orthanc EXIT
+
 echo
-echo "DICOM results: $OUT/results/<image hash>/ (SC overlays, SEG, SR; open them in any DICOM viewer)"
-echo "Read an SR:    dsrdump $OUT/results/*/SR-*.dcm | less"
+echo "Sending the demo studies with storescu ..."
+# -xy: propose JPEG baseline besides the uncompressed syntaxes (one demo file is JPEG),
+# so that every file is sent as it is, without conversion.
+storescu -aet STORESCU -aec ORTHANC -xy 127.0.0.1 "$DICOM_PORT" "$OUT"/input/*.dcm
+
+echo "Waiting for the results (StableAge 2 s, then the worker runs $EXPLAINERS on the CPU/GPU) ..."
+.venv/bin/python - "$DATA" "$HTTP_PORT" "$TIMEOUT" "$OUT/input" <<'PY'
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+
+from pipeline import orthanc_launcher as launcher
+
+data, port, timeout, inputs = Path(sys.argv[1]).resolve(), int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
+url = f"http://127.0.0.1:{port}"
+password = launcher.credentials(data)["users"][launcher.ADMIN_USER]
+
+
+def get(path):
+    status, body = launcher.request(url + path, user=launcher.ADMIN_USER, password=password, timeout=30)
+    if status != 200:
+        raise SystemExit(f"GET {path}: HTTP {status}")
+    return json.loads(body)
+
+
+sent = {(str(ds.PatientID), str(ds.StudyInstanceUID))
+        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(inputs.glob("*.dcm")))}
+studies = ["-".join(h[i:i + 8] for i in range(0, 40, 8))
+           for h in (hashlib.sha1(f"{pid}|{uid}".encode()).hexdigest() for pid, uid in sorted(sent))]
+start, last = time.monotonic(), None
+while True:
+    jobs = {j["study"]: j for j in reversed(get("/medxplain/jobs?limit=200")["jobs"])}  # newest wins
+    states = [jobs.get(s, {}).get("state", "waiting") for s in studies]
+    line = ", ".join(f"{states.count(s)} {s}" for s in ("waiting", "pending", "leased", "done", "dead")
+                     if states.count(s))
+    if line != last:
+        print(f"  [{time.monotonic() - start:5.0f} s] {len(studies)} studies: {line}", flush=True)
+        last = line
+    if all(s in ("done", "dead") for s in states):
+        break
+    if time.monotonic() - start > timeout:
+        raise SystemExit(f"timed out after {timeout:.0f} s; see {data}/worker.log and {url}/medxplain/jobs")
+    time.sleep(1)
+
+print()
+print(f"Results (in {time.monotonic() - start:.0f} s):")
+for sid in studies:
+    study = get(f"/studies/{sid}")
+    job = jobs[sid]
+    print(f"  study {sid[:17]}…  {study['MainDicomTags'].get('StudyDescription', '')!r}: job {job['state']}"
+          + (f" — {job['last_error']}" if job["state"] == "dead" else ""))
+    if job.get("result"):
+        r = job["result"]["instances"]
+        skipped = job["result"].get("skipped") or {}
+        print(f"    images explained {r['explained']}, skipped {r['skipped']}"
+              + (f" {skipped}" if skipped else "") + f", {job['result']['ms'] / 1000:.1f} s")
+    for series in get(f"/studies/{sid}/series"):
+        tags = series["MainDicomTags"]
+        if str(tags.get("SeriesDescription", "")).upper().startswith("MEDXPLAIN"):
+            print(f"    {tags.get('Modality', '?'):3s} {tags.get('SeriesDescription')}: "
+                  f"{len(series['Instances'])} instance(s)")
+counts = get("/medxplain/jobs?limit=1")["counts"]
+print()
+print(f"Jobs: {counts}")
+print(f"See them in Orthanc's web interface: {url}/app/explorer.html")
+print(f"  user '{launcher.ADMIN_USER}', password in {data}/credentials.json")
+print(f"Job queue as JSON:  {url}/medxplain/jobs   (same credentials)")
+print(f"Audit log:          {data}/audit.jsonl")
+sys.exit(1 if counts["dead"] else 0)
+PY

@@ -20,6 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
+from dicom_io.convert import cr_from_pixels  # noqa: E402
 from dicom_io.reader import read_radiograph  # noqa: E402
 from dicom_io.sc import counterfactual_sc  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
@@ -52,18 +53,25 @@ def main() -> int:
     engine = Engine(load_config(overrides={"bundle": args.bundle, "device": "cpu",
                                            "explainers": ["gradcam", "ig", "occlusion"]}))
     with tempfile.TemporaryDirectory() as tmp:
-        (outcome,) = explain_paths(engine, [source_path], Path(tmp))
-        if not outcome.ok:
-            print(f"explain failed: {outcome.error}", file=sys.stderr)
-            return 1
-        overlays = {}
-        for path in outcome.written:
-            ds = pydicom.dcmread(path)
-            if ds.Modality != "SR" and ds.SOPClassUID.name.startswith("Secondary") and ds.SamplesPerPixel == 3:
-                overlays[ds.SeriesNumber] = ds.pixel_array
-        tiles = [overlays[k] for k in sorted(overlays)]
-        height = min(t.shape[0] for t in tiles)
-        save_png(np.concatenate([t[:height] for t in tiles], axis=1), OUT / "overlays_siim.png", width=1500)
+        # A Kermany test radiograph (pneumonia), wrapped as CR the way `make demo` does it.
+        kermany = SHARED / "kermany-cxr224" / "test" / "PNEUMONIA" / "person100_bacteria_475.jpeg"
+        pixels = np.asarray(Image.open(kermany).convert("L"), dtype=np.uint8)
+        wrapped = Path(tmp) / "kermany.dcm"
+        cr_from_pixels(pixels, patient_id="MXDEMO", patient_name="Demo^Kermany", study_key="docs",
+                       instance_key="docs-kermany").save_as(wrapped, enforce_file_format=True)
+        for name, path in (("overlays_siim.png", source_path), ("overlays_kermany_pneumonia.png", wrapped)):
+            (outcome,) = explain_paths(engine, [path], Path(tmp) / name)
+            if not outcome.ok:
+                print(f"explain failed: {outcome.error}", file=sys.stderr)
+                return 1
+            overlays = {}
+            for written in outcome.written:
+                ds = pydicom.dcmread(written)
+                if ds.Modality != "SR" and ds.get("SamplesPerPixel") == 3:
+                    overlays[ds.SeriesNumber] = ds.pixel_array
+            tiles = [overlays[k] for k in sorted(overlays)]
+            height = min(t.shape[0] for t in tiles)
+            save_png(np.concatenate([t[:height] for t in tiles], axis=1), OUT / name, width=1500)
 
     # A synthetic counterfactual path (a dense patch fading out), written by the real writer.
     source = read_radiograph(source_path)

@@ -502,3 +502,14 @@ def test_context_bad_input():
         _context(sha="abc")
     with pytest.raises(ValueError, match='"settings_key"'):
         _context(settings_key="")
+
+
+def test_small_source_overlay_is_enlarged_so_the_warning_is_never_truncated():
+    from dicom_io.overlay import MIN_OVERLAY_WIDTH, render_overlay
+
+    display = np.linspace(0, 1, 224 * 224, dtype=np.float32).reshape(224, 224)
+    picture = render_overlay(display=display, saliency=display, method="gradcam", positive_label="PNEUMONIA",
+                             probability=0.97, decision="PNEUMONIA")
+    assert picture.shape[1] >= MIN_OVERLAY_WIDTH and picture.shape[2] == 3
+    # The image area keeps the source aspect ratio (square here): band + width rows.
+    assert picture.shape[0] > picture.shape[1]
