@@ -7,6 +7,7 @@
 #   4. wait until the worker has written the results into the same studies;
 #   5. print what was made and where to see it; stop Orthanc unless
 #      MEDXPLAIN_DEMO_KEEP=1 (then stop it with `medxplain orthanc --stop --data ...`).
+# Each run starts with an empty out/demo/orthanc (storage, queue, credentials).
 # Settings: MEDXPLAIN_DEMO_OUT (out/demo), MEDXPLAIN_DEMO_HTTP_PORT (8043),
 # MEDXPLAIN_DEMO_DICOM_PORT (4243), MEDXPLAIN_DEMO_EXPLAINERS (gradcam,ig,occlusion),
 # MEDXPLAIN_DEMO_TIMEOUT (seconds to wait for results, 900).
@@ -25,8 +26,9 @@ command -v storescu >/dev/null || { echo "error: storescu not found (Debian pack
 rm -rf "$OUT/input"
 .venv/bin/python scripts/make_demo_study.py --out "$OUT/input"
 
-# A demo Orthanc left running on the same data folder is stopped first.
+# Each demo starts afresh: a demo Orthanc left running is stopped, its data folder emptied.
 $MEDXPLAIN orthanc --stop --data "$DATA" >/dev/null
+rm -rf "$DATA"
 $MEDXPLAIN orthanc --data "$DATA" --http-port "$HTTP_PORT" --dicom-port "$DICOM_PORT" --stable-age 2 \
   --explainers "$EXPLAINERS"
 
@@ -75,7 +77,8 @@ studies = ["-".join(h[i:i + 8] for i in range(0, 40, 8))
            for h in (hashlib.sha1(f"{pid}|{uid}".encode()).hexdigest() for pid, uid in sorted(sent))]
 start, last = time.monotonic(), None
 while True:
-    jobs = {j["study"]: j for j in reversed(get("/medxplain/jobs?limit=200")["jobs"])}  # newest wins
+    listed = get("/medxplain/jobs?limit=200")["jobs"]
+    jobs = {j["study"]: j for j in reversed(listed)}  # the newest job of each study
     states = [jobs.get(s, {}).get("state", "waiting") for s in studies]
     line = ", ".join(f"{states.count(s)} {s}" for s in ("waiting", "pending", "leased", "done", "dead")
                      if states.count(s))
@@ -95,11 +98,16 @@ for sid in studies:
     job = jobs[sid]
     print(f"  study {sid[:17]}…  {study['MainDicomTags'].get('StudyDescription', '')!r}: job {job['state']}"
           + (f" — {job['last_error']}" if job["state"] == "dead" else ""))
-    if job.get("result"):
-        r = job["result"]["instances"]
-        skipped = job["result"].get("skipped") or {}
-        print(f"    images explained {r['explained']}, skipped {r['skipped']}"
-              + (f" {skipped}" if skipped else "") + f", {job['result']['ms'] / 1000:.1f} s")
+    # A study may have had several jobs (a re-sent image re-fires it); add them up.
+    done = [j["result"] for j in listed if j["study"] == sid and j.get("result")]
+    explained = sum(r["instances"]["explained"] for r in done)
+    reasons = {}
+    for r in done:
+        for reason, n in (r.get("skipped") or {}).items():
+            if reason != "medxplain_output":  # our own results, listed below
+                reasons[reason] = reasons.get(reason, 0) + n
+    print(f"    images explained: {explained}" + (f"; skipped: {reasons}" if reasons else "")
+          + f"; worker time {sum(r['ms'] for r in done) / 1000:.1f} s")
     for series in get(f"/studies/{sid}/series"):
         tags = series["MainDicomTags"]
         if str(tags.get("SeriesDescription", "")).upper().startswith("MEDXPLAIN"):

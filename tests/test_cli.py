@@ -59,7 +59,7 @@ def test_explain_writes_valid_dicom_for_every_shared_file(tmp_path, shared_dicom
             assert_valid(path)
             assert ds.Manufacturer == "medxplain"
         sr_path = next(p for p, ds in zip(files, datasets) if ds.Modality == "SR")
-        dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True)
+        dump = subprocess.run(["dsrdump", "+Pu", str(sr_path)], capture_output=True, text=True)
         assert dump.returncode == 0, dump.stderr
         assert "gradcam" in dump.stdout and "occlusion" in dump.stdout
         source_uid = next(uid for uid in sources if uid in dump.stdout)
