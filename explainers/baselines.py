@@ -53,7 +53,7 @@ class IntegratedGradientsExplainer(Explainer):
 
     version = "1"
 
-    def __init__(self, *, steps: int = 32, internal_batch_size: int = 64, smoothing_sigma: float = 1.5,
+    def __init__(self, *, steps: int = 50, internal_batch_size: int = 16, smoothing_sigma: float = 1.5,
                  threshold: float = 0.5):
         if steps < 2:
             raise ValueError(f"ig steps must be >= 2, got {steps}")
