@@ -63,7 +63,9 @@ def orthanc_command(
     from config import ConfigError
 
     try:
-        proc = launcher.start(settings, detach=not foreground)
+        # Orthanc always gets its own session: a terminal's Ctrl-C reaches only this command,
+        # which then stops Orthanc with one SIGTERM (Orthanc dies at once on a second signal).
+        proc = launcher.start(settings)
     except (launcher.OrthancError, ConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -85,6 +87,7 @@ def orthanc_command(
         return
     typer.echo("(foreground: Ctrl-C stops Orthanc)")
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         code = proc.wait()
         typer.echo(f"Orthanc exited with code {code}", err=True)
