@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end PACS demo (run through `make demo`, which installs first):
-#   1. build the demo studies from ../shared/data (scripts/make_demo_study.py);
+#   1. build the demo studies from ../shared/data (scripts/make_demo_study.py) and
+#      explain them on the command line (`medxplain explain`: summary table per file);
 #   2. start Orthanc with the medxplain plugin and worker (`medxplain orthanc`,
 #      data in out/demo/orthanc, loopback ports, authentication on);
 #   3. send the studies with dcmtk's storescu, as a modality would;
@@ -23,8 +24,16 @@ MEDXPLAIN=.venv/bin/medxplain
 
 command -v storescu >/dev/null || { echo "error: storescu not found (Debian package dcmtk)" >&2; exit 2; }
 
-rm -rf "$OUT/input"
+rm -rf "$OUT/input" "$OUT/results"
 .venv/bin/python scripts/make_demo_study.py --out "$OUT/input"
+
+echo
+echo "== 1. On the command line: medxplain explain (summary table per file) =="
+$MEDXPLAIN explain "$OUT/input" --out "$OUT/results" --explainers "$EXPLAINERS"
+echo "DICOM objects written under $OUT/results/<image hash>/ ; read an SR with: dsrdump $OUT/results/*/SR-*.dcm"
+
+echo
+echo "== 2. In the PACS: Orthanc + medxplain plugin + worker =="
 
 # Each demo starts afresh: a demo Orthanc left running is stopped, its data folder emptied.
 $MEDXPLAIN orthanc --stop --data "$DATA" >/dev/null
