@@ -15,3 +15,4 @@ test-fast: install
 
 bench: install
 	.venv/bin/python benchmarks/bench_pipeline.py
+	.venv/bin/python benchmarks/bench_pacs.py
