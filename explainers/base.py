@@ -49,6 +49,12 @@ class Explainer(ABC):
         self.threshold = float(threshold)
         self.parameters: dict[str, Any] = dict(parameters)
 
+    @classmethod
+    def from_bundle(cls, bundle: Any, **parameters: Any) -> "Explainer":
+        """Build for a bundle: its decision threshold, plus whatever the method needs
+        from it (methods with trained networks override this to load their weights)."""
+        return cls(**{"threshold": bundle.spec.task.threshold, **parameters})
+
     @abstractmethod
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
         """images (B, C, H, W) in model space [0, 1]; classifier returns the positive logit (B,)."""

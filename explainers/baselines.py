@@ -33,6 +33,11 @@ class GradCAMExplainer(Explainer):
         super().__init__(threshold=threshold, cam_layer=cam_layer)
         self.cam_layer = cam_layer
 
+    @classmethod
+    def from_bundle(cls, bundle, **parameters):
+        parameters.setdefault("cam_layer", bundle.cam_layer)
+        return super().from_bundle(bundle, **parameters)
+
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
         probability = _predict(classifier, images)
         wrapped = TargetLogit(classifier, decision_signs(probability, self.threshold)).to(images.device)

@@ -45,7 +45,6 @@ Logs and callbacks carry hashed UIDs and AE titles only, never patient data.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import threading
@@ -64,6 +63,7 @@ from dicom_io.network import (
     StorageSCP,
 )
 from dicom_io.output import is_medxplain_output
+from pipeline.audit import hash_text
 from pipeline.jobqueue import JobQueue
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,7 +81,7 @@ _STALE_TMP_S = 3600.0  # a temp file this old belongs to no write in progress
 
 def uid_hash(uid: str) -> str:
     """The name used for a UID in paths, job keys and logs (no patient data)."""
-    return hashlib.sha256(str(uid).strip().encode()).hexdigest()[:16]
+    return hash_text(str(uid).strip())
 
 
 def job_key(study_hash: str) -> str:

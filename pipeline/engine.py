@@ -65,12 +65,7 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def build_explainer(name: str, bundle: Bundle, parameters: dict) -> Explainer:
-    cls = explainer_class(name)
-    kwargs = {"threshold": bundle.spec.task.threshold, **parameters}
-    if name == "gradcam":
-        kwargs.setdefault("cam_layer", bundle.cam_layer)
-    builder = getattr(cls, "from_bundle", None)
-    return builder(bundle, **kwargs) if builder else cls(**kwargs)
+    return explainer_class(name).from_bundle(bundle, **parameters)
 
 
 class Engine:

@@ -1,7 +1,6 @@
 """Explain files and folders into an output folder (the CLI's `explain`)."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -10,6 +9,7 @@ from dicom_io.errors import DicomInputError
 from dicom_io.output import is_medxplain_output
 from dicom_io.reader import read_radiograph
 from dicom_io.source import SourceImage
+from pipeline.audit import hash_text
 from pipeline.engine import Engine, ImageResult
 
 
@@ -40,7 +40,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
 
 def output_folder(out: Path, source: SourceImage) -> Path:
     """One folder per source image, named by a hash of its UID (no patient data in paths)."""
-    return out / hashlib.sha256(source.sop_instance_uid.encode()).hexdigest()[:16]
+    return out / hash_text(source.sop_instance_uid)
 
 
 def write_result(result: ImageResult, folder: Path) -> list[Path]:
