@@ -36,6 +36,38 @@ def train_classifier_command(
                   f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")
 
 
+@train_app.command("sagen")
+def train_sagen_command(
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the generator is added to it)"),
+    data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
+    epochs: int = typer.Option(12),
+    size: int = typer.Option(64, help="side the generator works at (multiple of 16); its change is upsampled "
+                                      "to the bundle's input size"),
+    width: int = typer.Option(16, help="U-Net base width: features (w, 2w, 4w, 8w, 16w, w)"),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    max_images: int = typer.Option(None, help="use at most N images per split (smoke tests)"),
+) -> None:
+    """Train the similar/adversarial generator (sagen) against a bundle's classifier."""
+    from explainers.bundle import BundleError
+    from pipeline.datasets import DatasetError
+    from pipeline.train_sagen import train_sagen_bundle
+
+    try:
+        result = train_sagen_bundle(bundle=bundle, data=data, epochs=epochs, size=size,
+                                    features=(width, 2 * width, 4 * width, 8 * width, 16 * width, width),
+                                    batch_size=batch_size, seed=seed, device=device, max_images=max_images)
+    except (BundleError, DatasetError, ValueError) as exc:
+        console.print(f"[red]cannot train sagen:[/] {exc}")
+        raise typer.Exit(2)
+    training = result.spec.explainers["sagen"].training
+    test = training["test"]
+    console.print(f"[green]wrote[/] {result.root / result.spec.explainers['sagen'].weights['generator'].file} — "
+                  f"test flip rate {test['flip_rate']:.3f}, similar kept {test['similar_kept_rate']:.3f}, "
+                  f"L1 |A-x| {test['proximity_l1']:.4f} (best epoch {training['best_epoch'] + 1})")
+
+
 @app.command("explain")
 def explain_command(
     paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)"),

@@ -408,12 +408,9 @@ class Worker:
             logger.error("cannot write the audit log %s: %s", self.audit_log.path, exc)
 
     def _release(self, job: Job, reason: str) -> str:
-        """Give a leased job back to the queue as pending. A queue with ``release()``
-        does it without counting an attempt; otherwise it is a retryable failure."""
-        release = getattr(self.queue, "release", None)
-        if release is not None:
-            return "released" if release(job.id, self.owner) else "lease_lost"
-        return self.queue.fail(job.id, self.owner, reason, retry=True) or "lease_lost"
+        """Give a leased job back to the queue as pending, without counting an attempt."""
+        logger.info("job %s released: %s", job.id[:8], reason)
+        return "released" if self.queue.release(job.id, self.owner) else "lease_lost"
 
     def _heartbeat(self, state: _JobState, stop: threading.Event) -> None:
         """Renew the lease while the job runs (a third of lease_s between renewals)."""
