@@ -107,7 +107,8 @@ def explain_command(
         bar = progress.add_task("explaining", total=len(files))
         outcomes = explain_paths(engine, files, out, on_file=lambda _: progress.advance(bar))
 
-    table = Table(title=f"medxplain — bundle {engine.bundle.spec.name} on {engine.device}")
+    table = Table(title=f"medxplain — bundle {engine.bundle.spec.name} on {engine.device}",
+                  caption="times are per image: each batch's time divided by its images")
     for column in ("file", "P(" + engine.bundle.spec.task.positive_label + ")", "decision",
                    *cfg.explainers, "total", "outputs"):
         table.add_column(column)
