@@ -40,7 +40,7 @@ def train_classifier_command(
 def train_sagen_command(
     bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the generator is added to it)"),
     data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
-    epochs: int = typer.Option(12),
+    epochs: int = typer.Option(10, help="total epochs; a checkpoint in <bundle>/.checkpoints/sagen is resumed"),
     size: int = typer.Option(64, help="side the generator works at (multiple of 16); its change is upsampled "
                                       "to the bundle's input size"),
     width: int = typer.Option(16, help="U-Net base width: features (w, 2w, 4w, 8w, 16w, w)"),

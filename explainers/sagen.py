@@ -1,0 +1,178 @@
+"""Similar / adversarial generators (Charachon et al. 2020, "Combining Similarity and
+Adversarial Learning to Generate Visual Explanation").
+
+One shared U-Net (MONAI BasicUNet) with two heads, the authors' later form of the
+two generators: from an input x it produces
+
+- the *similar* image S(x): close to x and classified like x,
+- the *adversarial* image A(x): close to x and classified as the other class.
+
+The explanation is |S(x) - A(x)|: whatever the generator cannot reproduce exactly
+(blur, small shifts) is in both images and cancels, what the classifier needs to
+change its mind is in one only. The counterfactual is A(x); ``steps > 1`` gives the
+linear path from S(x) to A(x). One forward pass at prediction time.
+
+Each head predicts a *residual* added to x and clamped to [0, 1], with its last
+layer initialised to zero, so both heads start as the identity: the similar head's
+reconstruction is trivial from step one, the adversarial head's change is explicit
+(exactly what the engine's residual trick maps back to the source grid), and
+untouched regions stay bit-identical to the input instead of being re-synthesised.
+Instance normalisation only, so the result for an image never depends on the rest
+of its batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
+from monai.networks.nets import BasicUNet, PatchDiscriminator
+from torch import nn
+
+from explainers.base import Explainer, Explanation, normalise_maps, register
+from explainers.bundle import BundleError
+
+# Default widths: (level 0..4, decoder output). 1.82 M parameters, 7.3 MB of float32 weights.
+DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
+
+
+class _Head(nn.Module):
+    """3x3 conv + LeakyReLU + 1x1 conv to a one-channel residual (last layer zero)."""
+
+    def __init__(self, features: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(features, features, kernel_size=3, padding=1)
+        self.act = nn.LeakyReLU(0.1)
+        self.out = nn.Conv2d(features, channels, kernel_size=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.conv(h)))
+
+
+class SagenGenerator(nn.Module):
+    """Shared U-Net encoder/decoder with a similar and an adversarial head.
+
+    ``size``: the side the U-Net works at (None: the input's own size). When it is
+    smaller than the input, the input is area-downsampled, the residuals are
+    bilinearly upsampled and added to the full-resolution input, so detail the
+    generator does not touch is kept.
+    """
+
+    def __init__(self, *, features: Sequence[int] = DEFAULT_FEATURES, size: int | None = None,
+                 in_channels: int = 1, upsample: str = "nontrainable"):
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if len(features) != 6:
+            raise ValueError(f"features must hold 6 widths (5 levels + decoder output), got {features}")
+        if size is not None and (size < 16 or size % 16):
+            raise ValueError(f"generator size must be a multiple of 16 (the U-Net pools 4 times), got {size}")
+        self.features, self.size, self.in_channels, self.upsample = features, size, in_channels, upsample
+        # Bilinear upsampling in the decoder ("nontrainable"): transposed convolutions
+        # leave a checkerboard that a confident classifier readily exploits.
+        self.body = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=features[5], features=features,
+                              norm=("instance", {"affine": True}), upsample=upsample)
+        self.body.final_conv = nn.Identity()  # the decoder's features go to the two heads
+        self.similar_head = _Head(features[5], in_channels)
+        self.adversarial_head = _Head(features[5], in_channels)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, as stored in bundle.yaml."""
+        return {"features": list(self.features), "size": self.size, "in_channels": self.in_channels,
+                "upsample": self.upsample}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) in [0, 1] -> (similar, adversarial), both (B, C, H, W) in [0, 1]."""
+        height, width = images.shape[-2:]
+        resample = self.size is not None and (height, width) != (self.size, self.size)
+        if not resample and (height % 16 or width % 16):
+            raise ValueError(f"image sides must be multiples of 16 for the U-Net, got {height}x{width}")
+        work = F.interpolate(images, size=(self.size, self.size), mode="area") if resample else images
+        hidden = self.body(work * 2.0 - 1.0)
+        residuals = torch.cat([self.similar_head(hidden), self.adversarial_head(hidden)], dim=1)
+        if resample:
+            residuals = F.interpolate(residuals, size=(height, width), mode="bilinear", align_corners=False)
+        similar, adversarial = residuals.split(images.shape[1], dim=1)
+        return (images + similar).clamp(0.0, 1.0), (images + adversarial).clamp(0.0, 1.0)
+
+
+class PatchCritic(nn.Module):
+    """MONAI PatchDiscriminator (instance norm, no batch statistics) returning its patch map."""
+
+    def __init__(self, *, channels: int = 32, layers: int = 3, in_channels: int = 1):
+        super().__init__()
+        self.network = PatchDiscriminator(spatial_dims=2, channels=channels, in_channels=in_channels,
+                                          num_layers_d=layers, norm="INSTANCE")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images * 2.0 - 1.0)[-1]
+
+
+def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of (B, H, W) maps, each image on its own."""
+    if sigma <= 0:
+        return maps
+    return GaussianFilter(spatial_dims=2, sigma=sigma).to(maps.device)(maps[:, None])[:, 0]
+
+
+@register("sagen")
+class SagenExplainer(Explainer):
+    """saliency = smoothed |S(x) - A(x)|; counterfactual = A(x) (or the S -> A path)."""
+
+    version = "1"
+
+    def __init__(self, *, generator: SagenGenerator, steps: int = 1, smoothing_sigma: float = 2.0,
+                 threshold: float = 0.5):
+        if int(steps) < 1:
+            raise ValueError(f"sagen steps must be >= 1, got {steps}")
+        if smoothing_sigma < 0:
+            raise ValueError(f"sagen smoothing_sigma must be >= 0, got {smoothing_sigma}")
+        super().__init__(threshold=threshold, steps=int(steps), smoothing_sigma=float(smoothing_sigma))
+        self.generator = generator.eval()
+        self.steps, self.smoothing_sigma = int(steps), float(smoothing_sigma)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, **parameters: Any) -> "SagenExplainer":
+        spec = bundle.spec.explainers.get("sagen")
+        if spec is None or "generator" not in spec.weights:
+            raise BundleError(
+                f"{bundle.root}: bundle has no trained sagen generator (explainers.sagen.weights.generator); "
+                f"run `medxplain train sagen --bundle {bundle.root} --data <kermany folder>` first")
+        generator = SagenGenerator(**spec.parameters.get("network", {}))
+        try:
+            generator.load_state_dict(bundle.load_state("sagen", "generator"))
+        except RuntimeError as exc:
+            raise BundleError(f"{bundle.root}: sagen generator weights do not fit the network "
+                              f"{spec.parameters.get('network')}: {str(exc).splitlines()[0]}") from exc
+        defaults = {k: spec.parameters[k] for k in ("steps", "smoothing_sigma") if k in spec.parameters}
+        return cls(generator=generator, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
+
+    def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        generator = self.generator.to(images.device).eval()
+        batch, steps = images.shape[0], self.steps
+        with torch.no_grad():
+            similar, adversarial = generator(images)
+            alphas = torch.arange(1, steps + 1, device=images.device, dtype=images.dtype) / steps
+            # lerp is exact at weight 1: the last step *is* A(x).
+            path = torch.lerp(similar[:, None], adversarial[:, None], alphas.reshape(1, steps, 1, 1, 1))
+            # One classifier call for the input, the similar image and every path step.
+            logits = classifier(torch.cat([images, similar, path.flatten(0, 1)])).reshape(-1).float()
+            probs = torch.sigmoid(logits)
+            probability, similar_prob = probs[:batch], probs[batch:2 * batch]
+            path_probability = probs[2 * batch:].reshape(batch, steps)
+            saliency = normalise_maps(smooth_maps((similar - adversarial).abs().sum(dim=1), self.smoothing_sigma))
+            proximity = (adversarial - images).abs().flatten(1).mean(dim=1)
+            similar_l1 = (similar - images).abs().flatten(1).mean(dim=1)
+        called = probability >= self.threshold
+        checks = [{
+            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
+            "counterfactual_probability": float(path_probability[i, -1]),
+            "proximity_l1": float(proximity[i]),
+            "similar_l1": float(similar_l1[i]),
+            "similar_probability": float(similar_prob[i]),
+            "similar_kept_class": bool((similar_prob[i] >= self.threshold) == called[i]),
+        } for i in range(batch)]
+        return Explanation(probability=probability, saliency=saliency, counterfactuals=path,
+                           path_probability=path_probability, checks=checks)

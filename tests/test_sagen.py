@@ -1,0 +1,272 @@
+"""sagen (Charachon et al. 2020): the two-headed generator, its explainer, its
+training loop and `medxplain train sagen`.
+
+Where the answer must be known exactly, a hand-made classifier is used: its logit is
+K * (mean intensity of a fixed box - C), so the only way to change its decision is
+to brighten or darken that box. Real images and the demo classifier are used for
+shapes, batch independence and the command line (on a temporary copy of the demo
+bundle: the repository's bundle is never modified).
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dicom_io.preprocess import InputSpec, Preprocessor
+from explainers.base import available, explainer_class
+from explainers.bundle import Bundle, BundleError
+from explainers.sagen import SagenExplainer, SagenGenerator
+from explainers.train_sagen import SagenLossWeights, SagenTrainingConfig, evaluate_sagen, train_sagen
+from tests.conftest import PROJECT_ROOT
+
+DEMO_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia"
+SIZE = 32
+BOX = (8, 20, 8, 20)  # rows [8, 20), cols [8, 20)
+K, C = 12.0, 0.5
+TINY = (8, 8, 16, 16, 32, 8)
+
+
+class BoxClassifier(nn.Module):
+    """logit = K * (mean of BOX - C): positive when the box is bright."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return K * (images[:, 0, BOX[0]:BOX[1], BOX[2]:BOX[3]].mean(dim=(1, 2)) - C)
+
+
+def box_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy backgrounds with soft structure; half of them with a bright blob in BOX."""
+    g = torch.Generator().manual_seed(seed)
+    images = 0.25 + 0.1 * torch.rand(n, 1, SIZE, SIZE, generator=g)
+    labels = torch.arange(n) % 2
+    for i in range(n):
+        if labels[i]:
+            top, left = (b + int(torch.randint(0, 3, (1,), generator=g)) for b in (BOX[0], BOX[2]))
+            images[i, :, top:top + 10, left:left + 10] = 0.9
+    return images.clamp(0, 1), labels
+
+
+def randomised(generator: SagenGenerator, seed: int = 0) -> SagenGenerator:
+    """Non-zero heads, so that both outputs differ from the input (the trained case)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in (generator.similar_head, generator.adversarial_head):
+            head.out.weight.copy_(0.05 * torch.randn(head.out.weight.shape, generator=g))
+    return generator.eval()
+
+
+def real_images(kermany_dir: Path, n: int, size: int = 128) -> torch.Tensor:
+    """n shared Kermany test images (both classes), through the same Preprocessor as DICOM input."""
+    rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
+    picked = []
+    for label in ("0", "1"):
+        picked += [r for r in rows if r["split"] == "test" and r["label"] == label][: (n + 1) // 2]
+    preprocess = Preprocessor(InputSpec((size, size), "squash"))
+    out = []
+    for r in picked[:n]:
+        with Image.open(kermany_dir / r["path"]) as img:
+            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        out.append(preprocess(display).as_tensor())
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def demo_classifier():
+    return Bundle.load(DEMO_BUNDLE).load_classifier()
+
+
+# -- the network and the explanation ---------------------------------------------
+
+def test_generator_starts_as_identity_and_stays_in_range():
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        similar, adversarial = SagenGenerator(features=TINY, size=32)(x)
+        assert torch.equal(similar, x) and torch.equal(adversarial, x)
+        similar, adversarial = randomised(SagenGenerator(features=TINY, size=32))(x)
+    assert similar.shape == adversarial.shape == x.shape
+    assert 0 <= float(adversarial.min()) and float(adversarial.max()) <= 1
+    assert not torch.equal(adversarial, x)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        SagenGenerator(features=TINY, size=40)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_explain_shapes_ranges_and_checks(steps, kermany_dir, demo_classifier):
+    images = real_images(kermany_dir, 4)
+    explainer = SagenExplainer(generator=randomised(SagenGenerator(features=TINY, size=64)), steps=steps,
+                               threshold=0.808)
+    e = explainer.explain(images, demo_classifier)
+    assert e.probability.shape == (4,) and e.saliency.shape == (4, 128, 128)
+    assert e.counterfactuals.shape == (4, steps, 1, 128, 128) and e.path_probability.shape == (4, steps)
+    assert float(e.saliency.min()) >= 0 and float(e.saliency.amax(dim=(1, 2)).min()) == pytest.approx(1.0)
+    assert 0 <= float(e.counterfactuals.min()) and float(e.counterfactuals.max()) <= 1
+    assert ((0 <= e.path_probability) & (e.path_probability <= 1)).all()
+    with torch.no_grad():
+        similar, adversarial = explainer.generator(images)
+    assert torch.allclose(e.counterfactuals[:, -1], adversarial)  # the last step is A(x) itself
+    if steps > 1:  # the path runs from S(x) towards A(x)
+        assert torch.allclose(e.counterfactuals[:, 0], similar + (adversarial - similar) / steps, atol=1e-6)
+    for i, check in enumerate(e.checks):
+        assert set(check) >= {"flipped", "counterfactual_probability", "proximity_l1", "similar_l1"}
+        assert check["counterfactual_probability"] == pytest.approx(float(e.path_probability[i, -1]))
+        assert check["flipped"] == ((e.path_probability[i, -1] >= 0.808) != (e.probability[i] >= 0.808))
+        assert check["proximity_l1"] == pytest.approx(float((adversarial[i] - images[i]).abs().mean()), rel=1e-4)
+    assert "sagen" in available() and explainer_class("sagen") is SagenExplainer
+
+
+def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_classifier):
+    images = real_images(kermany_dir, 6)
+    explainer = SagenExplainer(generator=randomised(SagenGenerator(features=TINY, size=64)), steps=2,
+                               threshold=0.808)
+    batch = explainer.explain(images, demo_classifier)
+    for i in (0, 3):
+        alone = explainer.explain(images[i:i + 1], demo_classifier)
+        assert torch.allclose(alone.saliency[0], batch.saliency[i], atol=1e-5)
+        assert torch.allclose(alone.counterfactuals[0], batch.counterfactuals[i], atol=1e-5)
+        assert torch.allclose(alone.path_probability[0], batch.path_probability[i], atol=1e-5)
+        assert alone.checks[0]["flipped"] == batch.checks[i]["flipped"]
+
+
+# -- training ----------------------------------------------------------------------
+
+def _tiny_config(epochs: int, **kw) -> SagenTrainingConfig:
+    return SagenTrainingConfig(epochs=epochs, batch_size=8, learning_rate=3e-3, discriminator_learning_rate=1e-3,
+                               threshold=0.5, translate=1.0, rotate=0.05, scale=0.02,
+                               weights=SagenLossWeights(classification=1.0, reconstruction=10.0, proximity=1.0,
+                                                        adversarial=0.05), **kw)
+
+
+def test_a_tiny_generator_learns_to_move_the_decision(tmp_path):
+    torch.manual_seed(0)
+    train, _ = box_images(64, seed=0)
+    val, _ = box_images(32, seed=1)
+    classifier = BoxClassifier()
+    generator = SagenGenerator(features=TINY)
+    before = evaluate_sagen(generator, classifier, val, 0.5)
+    assert before["flip_rate"] == 0.0  # identity at start
+    result = train_sagen(generator, classifier, train, val, _tiny_config(5), tmp_path / "ckpt")  # 40 steps
+    with torch.no_grad():
+        similar, adversarial = generator(val)
+        logit_x, logit_s, logit_a = classifier(val), classifier(similar), classifier(adversarial)
+    positive = logit_x > 0
+    # The adversarial head moves every image towards the other class...
+    direction = torch.where(positive, -1.0, 1.0)
+    assert bool(((logit_a - logit_x) * direction > 0).all())
+    assert float(((logit_a - logit_x) * direction).mean()) > 2.0
+    assert result.validation["flip_rate"] >= 0.75, result.validation
+    # ...and the similar head keeps the class, close to the input.
+    assert bool(((logit_s > 0) == positive).all())
+    assert result.validation["similar_l1"] < 0.05
+    assert len(result.log) == 5 and (tmp_path / "ckpt" / "sagen_training_log.csv").is_file()
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    train, _ = box_images(16, seed=0)
+    val, _ = box_images(8, seed=1)
+    classifier = BoxClassifier()
+
+    def fresh() -> SagenGenerator:
+        torch.manual_seed(0)
+        return SagenGenerator(features=TINY)
+
+    interrupted = fresh()
+    first = train_sagen(interrupted, classifier, train, val, _tiny_config(1), tmp_path / "a")
+    assert [r["epoch"] for r in first.log] == [0.0]
+    resumed = fresh()
+    second = train_sagen(resumed, classifier, train, val, _tiny_config(2), tmp_path / "a")
+    assert [r["epoch"] for r in second.log] == [0.0, 1.0]
+    assert second.log[0] == first.log[0]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "sagen_training_log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and "val_flip_rate" in rows[0]
+
+    straight = fresh()
+    train_sagen(straight, classifier, train, val, _tiny_config(2), tmp_path / "b")
+    last_a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["generator"]
+    last_b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["generator"]
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)  # resume == uninterrupted
+
+    with pytest.raises(ValueError, match="different setup"):
+        train_sagen(SagenGenerator(features=(8, 8, 16, 16, 16, 8)), classifier, train, val, _tiny_config(3),
+                    tmp_path / "a")
+
+
+# -- the command line and the bundle -------------------------------------------------
+
+def _bundle_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(DEMO_BUNDLE, copy, ignore=shutil.ignore_patterns(".checkpoints"))
+    return copy
+
+
+def _small_data(tmp_path: Path, kermany_dir: Path) -> Path:
+    """A small real subset, read in place through symlinks."""
+    rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
+    picked = []
+    for split, n in (("train", 96), ("test", 16)):
+        for label in ("0", "1"):
+            picked += [r for r in rows if r["split"] == split and r["label"] == label][: n // 2]
+    data = tmp_path / "data"
+    for r in picked:
+        (data / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (data / r["path"]).symlink_to(kermany_dir / r["path"])
+    with open(data / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(picked)
+    return data
+
+
+def test_missing_weights_give_a_clear_error(tmp_path):
+    bundle = Bundle.load(_bundle_copy(tmp_path))
+    bundle.spec.explainers.pop("sagen", None)
+    with pytest.raises(BundleError, match="medxplain train sagen"):
+        SagenExplainer.from_bundle(bundle)
+
+
+@pytest.mark.slow
+def test_train_sagen_command_adds_a_working_explainer_to_a_bundle(tmp_path, kermany_dir):
+    bundle_dir = _bundle_copy(tmp_path)
+    original = (DEMO_BUNDLE / "bundle.yaml").read_text()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "sagen", "--bundle", str(bundle_dir),
+         "--data", str(_small_data(tmp_path, kermany_dir)), "--max-images", "64", "--epochs", "1", "--size", "32"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "sagen_generator.safetensors" in done.stdout
+    assert (DEMO_BUNDLE / "bundle.yaml").read_text() == original  # the repository's bundle is untouched
+
+    bundle = Bundle.load(bundle_dir)  # verifies every pinned hash, the new weights included
+    spec = bundle.spec.explainers["sagen"]
+    assert spec.weights["generator"].file == "sagen_generator.safetensors"
+    assert spec.parameters["network"]["size"] == 32 and "loss_weights" in spec.parameters
+    assert spec.training["data"]["splits"]["train"] == 64 and "flip_rate" in spec.training["test"]
+    assert 0 < spec.training["called_positive_fraction"] < 1 and spec.training["balance_classes"] is True
+    rows = list(csv.DictReader(open(bundle_dir / "sagen_training_log.csv")))
+    assert len(rows) == 1 and "val_flip_rate" in rows[0]
+    assert (bundle_dir / ".checkpoints" / "sagen" / "last.ckpt").is_file()
+
+    explainer = explainer_class("sagen").from_bundle(bundle, steps=3)
+    images = real_images(kermany_dir, 4)
+    e = explainer.explain(images, bundle.load_classifier())
+    assert e.counterfactuals.shape == (4, 3, 1, 128, 128) and e.saliency.shape == (4, 128, 128)
+    assert explainer.threshold == pytest.approx(bundle.spec.task.threshold)
+    assert all(isinstance(c["flipped"], bool) for c in e.checks)
+
+
+def test_shipped_weights_flip_the_decision(kermany_dir, demo_classifier):
+    bundle = Bundle.load(DEMO_BUNDLE)
+    if "sagen" not in bundle.spec.explainers:
+        pytest.skip("the demo bundle has no sagen weights yet (medxplain train sagen)")
+    explainer = SagenExplainer.from_bundle(bundle)
+    images = real_images(kermany_dir, 64)
+    e = explainer.explain(images, demo_classifier)
+    flipped = sum(c["flipped"] for c in e.checks) / len(e.checks)
+    assert flipped >= 0.9, f"flip rate {flipped:.3f} on 64 shared test images"
