@@ -161,8 +161,15 @@ def info_command(bundle: Path = typer.Argument(..., help="bundle folder")) -> No
     for name, ref in loaded.weight_refs().items():
         table.add_row(name, ref.file, ref.sha256[:16] + "…  [green]ok[/]" if name in verified else "")
     console.print(table)
-    ready = ["gradcam", "ig", "occlusion"] + sorted(s.explainers)
-    console.print("explainers available with this bundle: " + ", ".join(m for m in ready if m in available()))
+    import pipeline.engine  # noqa: F401  (registers every explainer)
+
+    # Baselines need nothing but the classifier; generative methods need their trained networks.
+    baselines = ["gradcam", "ig", "occlusion"]
+    ready = baselines + sorted(m for m in s.explainers if m in available())
+    missing = sorted(set(available()) - set(ready))
+    console.print("explainers available with this bundle: " + ", ".join(ready))
+    if missing:
+        console.print("not trained for this bundle (medxplain train METHOD): " + ", ".join(missing))
 
 
 def _load(loader, path, overrides):
