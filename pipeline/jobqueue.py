@@ -159,14 +159,22 @@ class JobQueue:
                              (time.time() + lease_s, time.time(), job_id, owner))
             return cur.rowcount == 1
 
+    @staticmethod
+    def _begin_owned(db: sqlite3.Connection, job_id: str, owner: str) -> sqlite3.Row | None:
+        """Open a write transaction and return the job if ``owner`` holds its lease;
+        otherwise end the transaction and return None (the lease was lost)."""
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute("SELECT * FROM jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                         (job_id, owner)).fetchone()
+        if row is None:
+            db.execute("COMMIT")
+        return row
+
     def complete(self, job_id: str, owner: str, result: dict[str, Any] | None = None) -> bool:
         now = time.time()
         with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT * FROM jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-                             (job_id, owner)).fetchone()
+            row = self._begin_owned(db, job_id, owner)
             if row is None:
-                db.execute("COMMIT")
                 return False
             db.execute("UPDATE jobs SET state = 'done', result = ?, lease_owner = NULL, lease_expires = NULL, "
                        "last_error = NULL, updated = ? WHERE id = ?", (json.dumps(result or {}), now, job_id))
@@ -183,11 +191,8 @@ class JobQueue:
         when attempts are exhausted (or ``retry`` is False). Returns the new state."""
         now = time.time()
         with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT * FROM jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-                             (job_id, owner)).fetchone()
+            row = self._begin_owned(db, job_id, owner)
             if row is None:
-                db.execute("COMMIT")
                 return None
             dead = not retry or row["attempts"] >= row["max_attempts"]
             delay = min(self.backoff_max_s, self.backoff_s * 2 ** (row["attempts"] - 1))

@@ -1,6 +1,7 @@
 """Shared fixtures: where the shared real data lives, and skipping when it is absent."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -38,3 +39,22 @@ def cr_jpeg() -> Path:
 @pytest.fixture(scope="session")
 def kermany_dir() -> Path:
     return _require(KERMANY_DIR)
+
+
+def kermany_subset(kermany_dir: Path, out: Path, counts: dict[str, int]) -> Path:
+    """A small class-balanced Kermany folder with its own manifest.csv, the images
+    symlinked from the shared data (read in place, never copied)."""
+    rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
+    picked = []
+    for split, n in counts.items():
+        for label in ("0", "1"):
+            picked += [r for r in rows if r["split"] == split and r["label"] == label][: n // 2]
+    out.mkdir(parents=True, exist_ok=True)
+    for r in picked:
+        (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (out / r["path"]).symlink_to(kermany_dir / r["path"])
+    with open(out / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(picked)
+    return out

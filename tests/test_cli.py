@@ -2,7 +2,6 @@
 validated with dciodvfy and dsrdump; bundle info and training."""
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, kermany_subset
 from tests.dicom_validation import assert_valid
 
 DEMO_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia"
@@ -109,20 +108,7 @@ def test_info_verifies_hashes(tmp_path, demo_bundle):
 @pytest.mark.slow
 def test_train_classifier_writes_a_loadable_bundle(tmp_path, kermany_dir):
     # A small real subset (read in place: the manifest points into the shared folder).
-    rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
-    picked = []
-    for split, n in (("train", 48), ("test", 16)):
-        for label in ("0", "1"):
-            picked += [r for r in rows if r["split"] == split and r["label"] == label][: n // 2]
-    data = tmp_path / "data"
-    data.mkdir()
-    for r in picked:
-        (data / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-        (data / r["path"]).symlink_to(kermany_dir / r["path"])
-    with open(data / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(picked)
+    data = kermany_subset(kermany_dir, tmp_path / "data", {"train": 48, "test": 16})
     out = tmp_path / "bundle"
     run("train", "classifier", "--data", str(data), "--out", str(out), "--size", "64", "--epochs", "1",
         "--batch-size", "16")

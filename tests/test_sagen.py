@@ -26,7 +26,7 @@ from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.sagen import SagenExplainer, SagenGenerator
 from explainers.train_sagen import SagenLossWeights, SagenTrainingConfig, evaluate_sagen, train_sagen
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, kermany_subset
 
 DEMO_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia"
 SIZE = 32
@@ -208,20 +208,7 @@ def _bundle_copy(tmp_path: Path) -> Path:
 
 def _small_data(tmp_path: Path, kermany_dir: Path) -> Path:
     """A small real subset, read in place through symlinks."""
-    rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
-    picked = []
-    for split, n in (("train", 96), ("test", 16)):
-        for label in ("0", "1"):
-            picked += [r for r in rows if r["split"] == split and r["label"] == label][: n // 2]
-    data = tmp_path / "data"
-    for r in picked:
-        (data / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-        (data / r["path"]).symlink_to(kermany_dir / r["path"])
-    with open(data / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(picked)
-    return data
+    return kermany_subset(kermany_dir, tmp_path / "data", {"train": 96, "test": 16})
 
 
 def test_missing_weights_give_a_clear_error(tmp_path):
