@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -639,9 +640,21 @@ def _describe(ds: Dataset | None, path: Path | None) -> str:
             uid = ds.get("SOPInstanceUID")
         except _PYDICOM_ERRORS:
             uid = None
+    if uid is not None and not _is_plain_uid(str(uid)):
+        # A damaged length field can make the "UID" swallow the following
+        # elements (patient name included): name it damaged, never print it.
+        uid = "<damaged UID>"
     if uid:
         parts.append(f"SOP Instance {uid}" if not parts else f"(SOP Instance {uid})")
     return " ".join(parts) if parts else "<dataset>"
+
+
+_PLAIN_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _is_plain_uid(text: str) -> bool:
+    """Digits and dots, at most 64 characters: a UID as the standard spells it (PS3.5 9.1)."""
+    return len(text) <= 64 and _PLAIN_UID.fullmatch(text) is not None
 
 
 def _cause(exc: BaseException, ds: Dataset | None) -> str:

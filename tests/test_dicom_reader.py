@@ -400,3 +400,16 @@ def test_corrupted_headers_raise_only_typed_errors(derived, tmp_path: Path) -> N
             assert not any(identifier in str(error) for identifier in PATIENT_IDENTIFIERS), str(error)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert len(outcomes) > 3, outcomes  # the edits did reach different checks
+
+
+def test_a_damaged_uid_that_swallowed_the_patient_name_is_not_printed(derived, tmp_path: Path) -> None:
+    """A broken length field can make SOPInstanceUID hold the following elements; the message must not echo them."""
+    ds = pydicom.dcmread(derived.path("sr"))
+    ds.SOPInstanceUID = "1.2.3" + "\x00PN CompressedSamples^RG1 9RG1"
+    target = tmp_path / "damaged.dcm"
+    ds.save_as(target)
+    with pytest.raises(NotAnImageError) as caught:
+        read_radiograph(target)
+    message = str(caught.value)
+    assert "damaged.dcm" in message and "<damaged UID>" in message
+    assert not any(identifier in message for identifier in PATIENT_IDENTIFIERS), message
