@@ -48,16 +48,21 @@ def train_sagen_command(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     max_images: int = typer.Option(None, help="use at most N images per split (smoke tests)"),
+    proximity: float = typer.Option(2.0, help="weight of L1(A(x), x): higher keeps the counterfactual closer "
+                                              "to the input, lower flips more decisions"),
+    margin: float = typer.Option(1.0, help="logits by which the adversarial image must cross the threshold"),
 ) -> None:
     """Train the similar/adversarial generator (sagen) against a bundle's classifier."""
     from explainers.bundle import BundleError
     from pipeline.datasets import DatasetError
+    from explainers.train_sagen import SagenLossWeights
     from pipeline.train_sagen import train_sagen_bundle
 
     try:
         result = train_sagen_bundle(bundle=bundle, data=data, epochs=epochs, size=size,
                                     features=(width, 2 * width, 4 * width, 8 * width, 16 * width, width),
-                                    batch_size=batch_size, seed=seed, device=device, max_images=max_images)
+                                    batch_size=batch_size, seed=seed, device=device, max_images=max_images,
+                                    weights=SagenLossWeights(proximity=proximity), margin=margin)
     except (BundleError, DatasetError, ValueError) as exc:
         console.print(f"[red]cannot train sagen:[/] {exc}")
         raise typer.Exit(2)

@@ -36,7 +36,7 @@ def _subset(split: Split, limit: int | None, seed: int) -> Split:
 def train_sagen_bundle(
     *, bundle: Path, data: Path, epochs: int = 10, size: int | None = DEFAULT_SIZE,
     features: tuple[int, ...] = DEFAULT_FEATURES, batch_size: int = 16, seed: int = 0, device: str = "cpu",
-    max_images: int | None = None, weights: SagenLossWeights | None = None,
+    max_images: int | None = None, weights: SagenLossWeights | None = None, margin: float = 1.0,
 ) -> Bundle:
     started = time.perf_counter()
     target = Bundle.load(bundle)
@@ -56,7 +56,8 @@ def train_sagen_bundle(
     generator = SagenGenerator(features=features, size=size, in_channels=spec.input.channels)
     discriminator = PatchCritic(in_channels=spec.input.channels)
     config = SagenTrainingConfig(epochs=epochs, batch_size=batch_size, threshold=spec.task.threshold,
-                                 weights=weights or SagenLossWeights(), seed=seed, device=device)
+                                 weights=weights or SagenLossWeights(), margin=margin, seed=seed,
+                                 device=device)
     steps = (len(splits["train"].labels) + batch_size - 1) // batch_size
 
     with Progress(TextColumn("{task.description}"), BarColumn(),
@@ -93,6 +94,7 @@ def train_sagen_bundle(
             "steps": 1,
             "smoothing_sigma": 2.0,
             "loss_weights": asdict(config.weights),
+            "margin_logits": config.margin,
         },
         weights={"generator": ref},
         training={
