@@ -188,9 +188,9 @@ def _load(loader, path, overrides):
 
 
 # PACS commands (worker and jobs, orthanc, serve-dicom) live in their own modules.
-from pipeline import dicom_node_cli, orthanc_cli, worker_cli  # noqa: E402
+from pipeline import benchmark_cli, dicom_node_cli, orthanc_cli, worker_cli  # noqa: E402
 
-for _module in (worker_cli, orthanc_cli, dicom_node_cli):
+for _module in (worker_cli, orthanc_cli, dicom_node_cli, benchmark_cli):
     _module.register(app)
 
 if __name__ == "__main__":
