@@ -1,0 +1,199 @@
+"""Synthetic lesions of known mask, inserted into real radiographs (ground truth for
+localisation benchmarks).
+
+No public chest X-ray set with lesion masks is available offline, so localisation is
+measured on lesions we insert ourselves into real NORMAL images: round nodules,
+irregular opacities and diffuse patches of varied size, contrast and position inside
+the lung fields.
+
+Blending: a lesion is a soft density profile ``p`` in [0, 1] (smooth edges, no step).
+Where it lies, the image is pulled towards a brighter version of its own local mean
+(denser tissue attenuates more: brighter on a radiograph), which partly hides the
+vessel texture underneath as a real opacity does, and fresh noise with the standard
+deviation measured in the image's own neighbourhood is added back in proportion to
+``p``, so the lesion is neither smoother nor noisier than the lung around it.
+
+Exactness: work is done on uint8 pixels (the stored dataset format). Outside the
+lesion support nothing is written, and inside it every pixel is raised by at least
+one grey level, so the returned mask is *exactly* the set of altered pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+LesionKind = Literal["nodule", "opacity", "diffuse"]
+KINDS: tuple[LesionKind, ...] = ("nodule", "opacity", "diffuse")
+
+# Lung-field priors as fractions of the image side (rows, cols), for frontal chest
+# radiographs squashed to a square (the Kermany 224 px set): the patient's right
+# lung on the image's left. Measured on the mean of 300 NORMAL images; the
+# intensity refinement below adapts them to each image.
+LUNG_PRIORS: tuple[tuple[float, float, float, float], ...] = (
+    (0.20, 0.80, 0.13, 0.43),  # (row0, row1, col0, col1): image-left lung
+    (0.20, 0.80, 0.57, 0.87),  # image-right lung
+)
+
+# Pixels of the lesion profile at or above this are the support (the mask). Below
+# it the profile is cut to zero; at the edge the change is then one grey level.
+SUPPORT_CUT = 0.08
+
+
+class LesionError(ValueError):
+    """The image cannot take a lesion (wrong shape or type, no lung field found)."""
+
+
+@dataclass(frozen=True)
+class LesionSpec:
+    kind: LesionKind
+    center: tuple[int, int]  # (row, col)
+    radius: float  # pixels: the lesion's characteristic half-size
+    contrast: float  # peak brightening towards white, fraction of the local headroom
+    obscure: float  # how much of the underlying texture the lesion hides, [0, 1]
+
+
+@dataclass
+class Lesion:
+    image: np.ndarray  # (H, W) uint8 with the lesion
+    mask: np.ndarray  # (H, W) bool: exactly the pixels where image != input
+    spec: LesionSpec
+
+
+def _require_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
+        raise LesionError(f"image must be a 2-D uint8 array, got "
+                          f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
+    if min(image.shape) < 64:
+        raise LesionError(f"image too small for lesion insertion: {image.shape}")
+
+
+def lung_field_mask(image: np.ndarray) -> np.ndarray:
+    """Approximate lung fields: the prior boxes, kept where the (smoothed) image is
+    darker than the median of its box (air), eroded so lesions stay inside."""
+    _require_image(image)
+    rows, cols = image.shape
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), sigma=rows / 56)
+    mask = np.zeros(image.shape, dtype=bool)
+    for r0, r1, c0, c1 in LUNG_PRIORS:
+        box = (slice(int(r0 * rows), int(r1 * rows)), slice(int(c0 * cols), int(c1 * cols)))
+        region = smooth[box]
+        mask[box] = region <= np.median(region)
+    mask = ndimage.binary_opening(mask, iterations=2)
+    return ndimage.binary_erosion(mask, iterations=max(1, rows // 56))
+
+
+def local_noise_std(image: np.ndarray, center: tuple[int, int], half: int) -> float:
+    """Standard deviation of the fine-scale residual (image minus a 1-pixel Gaussian
+    blur) in a window: the noise + texture level the lesion must match."""
+    img = image.astype(np.float32)
+    residual = img - ndimage.gaussian_filter(img, sigma=1.0)
+    r, c = center
+    window = residual[max(0, r - half):r + half + 1, max(0, c - half):c + half + 1]
+    return float(window.std())
+
+
+def _profile(kind: LesionKind, shape: tuple[int, int], spec_center: tuple[int, int], radius: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """Soft density profile in [0, 1] (peak 1) of one lesion."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    r0, c0 = spec_center
+    if kind == "nodule":
+        # A slightly elliptical, rotated ball: density ~ chord length through a sphere.
+        angle = rng.uniform(0, np.pi)
+        ratio = rng.uniform(0.75, 1.0)
+        dr, dc = rows - r0, cols - c0
+        u = (dr * np.cos(angle) + dc * np.sin(angle)) / radius
+        v = (-dr * np.sin(angle) + dc * np.cos(angle)) / (radius * ratio)
+        profile = np.sqrt(np.clip(1.0 - (u * u + v * v), 0.0, None))
+        profile = ndimage.gaussian_filter(profile, sigma=max(0.8, radius * 0.15))
+    elif kind == "opacity":
+        # Union of a few overlapping ellipses with a ragged, noise-modulated edge.
+        profile = np.zeros(shape, dtype=np.float32)
+        for _ in range(int(rng.integers(3, 7))):
+            cr = r0 + rng.normal(0, radius * 0.45)
+            cc = c0 + rng.normal(0, radius * 0.45)
+            a, b = radius * rng.uniform(0.35, 0.7), radius * rng.uniform(0.35, 0.7)
+            profile = np.maximum(profile, (((rows - cr) / a) ** 2 + ((cols - cc) / b) ** 2 <= 1.0).astype(np.float32))
+        ragged = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=radius * 0.2)
+        ragged /= max(float(np.abs(ragged).max()), 1e-6)
+        profile = ndimage.gaussian_filter(profile + 0.5 * ragged * ndimage.binary_dilation(profile > 0, iterations=2),
+                                          sigma=max(1.0, radius * 0.2))
+    else:
+        # Diffuse patch: low-frequency mottling under a broad Gaussian envelope.
+        envelope = np.exp(-(((rows - r0) ** 2) / (2 * (radius * 0.6) ** 2)
+                            + ((cols - c0) ** 2) / (2 * (radius * rng.uniform(0.45, 0.75)) ** 2)))
+        mottle = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=max(1.5, radius * 0.12))
+        mottle = (mottle - mottle.min()) / max(float(np.ptp(mottle)), 1e-6)
+        profile = envelope * (0.45 + 0.55 * mottle)
+    profile = np.clip(profile, 0.0, None)
+    peak = float(profile.max())
+    if peak <= 0:
+        raise LesionError(f"empty {kind} profile at {spec_center} radius {radius:.1f}")
+    return profile / peak
+
+
+def random_spec(image: np.ndarray, rng: np.random.Generator, kind: LesionKind | None = None) -> LesionSpec:
+    """Draw kind, size, contrast and a centre inside the lung fields."""
+    lungs = lung_field_mask(image)
+    candidates = np.argwhere(lungs)
+    if len(candidates) == 0:
+        raise LesionError("no lung field found in the image")
+    kind = kind or KINDS[int(rng.integers(len(KINDS)))]
+    side = image.shape[0]
+    # Sizes as fractions of the side (224 px: nodules 5-11 px radius, opacities
+    # 9-20 px, diffuse patches 16-27 px); contrast lower for larger lesions.
+    radius_range, contrast_range = {
+        "nodule": ((0.022, 0.05), (0.25, 0.50)),
+        "opacity": ((0.04, 0.09), (0.18, 0.38)),
+        "diffuse": ((0.07, 0.12), (0.14, 0.30)),
+    }[kind]
+    center = tuple(int(v) for v in candidates[int(rng.integers(len(candidates)))])
+    return LesionSpec(kind=kind, center=center, radius=float(rng.uniform(*radius_range) * side),
+                      contrast=float(rng.uniform(*contrast_range)), obscure=float(rng.uniform(0.3, 0.7)))
+
+
+def insert_lesion(image: np.ndarray, spec: LesionSpec, rng: np.random.Generator) -> Lesion:
+    """Blend one lesion into ``image`` (uint8, H x W). The image is not modified."""
+    _require_image(image)
+    if not 0 < spec.contrast <= 1 or not 0 <= spec.obscure <= 1 or spec.radius <= 0:
+        raise LesionError(f"invalid lesion spec {spec}")
+    profile = _profile(spec.kind, image.shape, spec.center, spec.radius, rng)
+    support = profile >= SUPPORT_CUT
+    img = image.astype(np.float32) / 255.0
+    local_mean = ndimage.gaussian_filter(img, sigma=max(2.0, spec.radius * 0.5))
+    # Brighter target: a fraction of the way from the local mean to white.
+    target = local_mean + spec.contrast * (1.0 - local_mean)
+    weight = profile * (0.5 + 0.5 * spec.obscure)
+    blended = (1.0 - weight) * img + weight * target
+    # Texture hidden by the blend is given back as fresh noise of the local level.
+    noise_std = local_noise_std(image, spec.center, int(max(8, 2 * spec.radius))) / 255.0
+    noise = ndimage.gaussian_filter(rng.normal(size=image.shape).astype(np.float32), sigma=0.6)
+    noise *= noise_std / max(float(noise.std()), 1e-6)
+    blended += noise * np.sqrt(np.clip(weight * (2.0 - weight), 0.0, 1.0))
+    out_values = np.clip(np.round(blended * 255.0), 0, 255).astype(np.int16)
+    base = image.astype(np.int16)
+    # Within the support, at least one grey level brighter: the mask is exact.
+    raised = np.minimum(np.maximum(out_values, base + 1), 255)
+    result = image.copy()
+    result[support] = raised[support].astype(np.uint8)
+    mask = result != image
+    if not mask.any():
+        raise LesionError(f"lesion {spec} altered no pixel (saturated region?)")
+    return Lesion(image=result, mask=mask, spec=spec)
+
+
+def image_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator that depends only on the seed and a stable key (e.g. the source
+    path), so one image's lesion does not depend on which others are processed."""
+    digest = int(hashlib.sha256(key.encode()).hexdigest()[:16], 16)
+    return np.random.default_rng([int(seed), digest])
+
+
+def random_lesion(image: np.ndarray, *, seed: int, key: str, kind: LesionKind | None = None) -> Lesion:
+    """Deterministic for (seed, key, image)."""
+    rng = image_rng(seed, key)
+    return insert_lesion(image, random_spec(image, rng, kind), rng)
