@@ -1,0 +1,352 @@
+"""Metrics that score explanations (no files, no DICOM): localisation against masks or
+boxes, validity and proximity of counterfactuals, realism (Fréchet distance on our own
+features), faithfulness (deletion / insertion), robustness to input noise, and cost.
+
+Library first: average precision, SSIM and Spearman's rank correlation come from
+torchmetrics. Written here is only what the libraries lack or cannot do offline:
+- IoU at the mask-area threshold and the pointing game (a few lines each);
+- deletion / insertion (Petsiuk et al. 2018): Captum has no such metric, and Quantus is
+  not a dependency (it pins its own stack); ours perturbs towards a blurred copy,
+  as our Occlusion baseline does, so "removed" means "detail removed, brightness kept";
+- the Fréchet distance: torchmetrics' FID needs Inception weights downloaded at run
+  time, which this project forbids; we compute it on features of a network we ship.
+  The numbers are therefore NOT comparable with published FIDs.
+
+Conventions: maps and masks are (B, H, W); images (B, C, H, W) in [0, 1]; every
+per-image metric returns a (B,) tensor, aggregation is the caller's choice.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.regression import spearman_corrcoef
+from torchmetrics.functional.classification import binary_average_precision
+
+
+class EvaluationError(ValueError):
+    """Inputs to a metric have the wrong shape, type or content."""
+
+
+# -- input checks -----------------------------------------------------------------
+
+def _maps_and_masks(saliency: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if saliency.ndim != 3:
+        raise EvaluationError(f"saliency must be (B, H, W), got {tuple(saliency.shape)}")
+    if mask.shape != saliency.shape:
+        raise EvaluationError(f"mask shape {tuple(mask.shape)} does not match saliency {tuple(saliency.shape)}")
+    mask = mask.bool()
+    empty = (~mask.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise EvaluationError(f"ground truth is empty for case(s) {empty}: localisation is undefined there")
+    return saliency.float(), mask
+
+
+# -- localisation ---------------------------------------------------------------
+
+def iou_at_mask_area(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """IoU between the mask and the map's top-k pixels, k = the mask's area: the
+    threshold that keeps as many pixels as the ground truth (no free parameter).
+    Ties at the cut are broken by pixel order, the same for every method."""
+    saliency, mask = _maps_and_masks(saliency, mask)
+    flat, truth = saliency.flatten(1), mask.flatten(1)
+    scores = []
+    for values, gt in zip(flat, truth):
+        k = int(gt.sum())
+        top = torch.zeros_like(gt)
+        top[torch.topk(values, k, sorted=False).indices] = True
+        scores.append((top & gt).sum() / (top | gt).sum())
+    return torch.stack(scores).float()
+
+
+def pointing_game(saliency: torch.Tensor, mask: torch.Tensor, *, tolerance: int = 0) -> torch.Tensor:
+    """Hit if the map's peak lies in the mask (grown by ``tolerance`` pixels, as
+    Zhang et al. allow 15 px at 224). A map with several equal peaks scores the
+    fraction of them that hit, so a flat map scores the chance level (mask area)."""
+    saliency, mask = _maps_and_masks(saliency, mask)
+    if tolerance < 0:
+        raise EvaluationError(f"tolerance must be >= 0, got {tolerance}")
+    if tolerance:
+        mask = F.max_pool2d(mask[:, None].float(), 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0].bool()
+    flat, truth = saliency.flatten(1), mask.flatten(1)
+    peaks = flat == flat.amax(dim=1, keepdim=True)
+    return ((peaks & truth).sum(dim=1) / peaks.sum(dim=1)).float()
+
+
+def saliency_auprc(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average precision of the map as a pixel classifier of the mask (torchmetrics,
+    exact thresholds). Chance level = the mask's area fraction."""
+    saliency, mask = _maps_and_masks(saliency, mask)
+    return torch.stack([binary_average_precision(s.flatten(), m.flatten().long()) for s, m in zip(saliency, mask)])
+
+
+def mask_area_fraction(mask: torch.Tensor) -> torch.Tensor:
+    """The chance level of the pointing game and of AUPRC."""
+    return mask.flatten(1).float().mean(dim=1)
+
+
+def boxes_to_mask(boxes: Sequence[Sequence[float]], shape: tuple[int, int], *,
+                  source_shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """COCO boxes [x, y, width, height] (in ``source_shape`` pixels, default
+    ``shape``) -> (H, W) bool mask on a grid of ``shape`` (a squashing resize scales
+    x and y independently, as the preprocessing does)."""
+    rows, cols = shape
+    src_rows, src_cols = source_shape or shape
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for box in boxes:
+        if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+            raise EvaluationError(f"box must be [x, y, width, height] with positive size, got {list(box)}")
+        x, y, w, h = (float(v) for v in box)
+        c0, c1 = x * cols / src_cols, (x + w) * cols / src_cols
+        r0, r1 = y * rows / src_rows, (y + h) * rows / src_rows
+        # Pixels whose centre lies inside the box; at least one pixel per box.
+        r_lo, r_hi = int(np.floor(r0 + 0.5)), max(int(np.floor(r1 + 0.5)), int(np.floor(r0 + 0.5)) + 1)
+        c_lo, c_hi = int(np.floor(c0 + 0.5)), max(int(np.floor(c1 + 0.5)), int(np.floor(c0 + 0.5)) + 1)
+        mask[max(r_lo, 0):min(r_hi, rows), max(c_lo, 0):min(c_hi, cols)] = True
+    return mask
+
+
+def box_pointing_game(saliency: torch.Tensor, boxes: Sequence[Sequence[Sequence[float]]], *,
+                      source_shape: tuple[int, int] | None = None, tolerance: int = 0) -> torch.Tensor:
+    """Pointing game against boxes (one list of COCO boxes per case)."""
+    return pointing_game(saliency, _box_masks(saliency, boxes, source_shape), tolerance=tolerance)
+
+
+def box_iou(saliency: torch.Tensor, boxes: Sequence[Sequence[Sequence[float]]], *,
+            source_shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """IoU at the box-area threshold against the union of a case's boxes."""
+    return iou_at_mask_area(saliency, _box_masks(saliency, boxes, source_shape))
+
+
+def _box_masks(saliency: torch.Tensor, boxes, source_shape) -> torch.Tensor:
+    if saliency.ndim != 3 or len(boxes) != saliency.shape[0]:
+        raise EvaluationError(f"need one box list per map: {len(boxes)} lists for saliency {tuple(saliency.shape)}")
+    shape = tuple(saliency.shape[-2:])
+    return torch.stack([boxes_to_mask(b, shape, source_shape=source_shape) for b in boxes])
+
+
+# -- counterfactuals: validity, proximity, realism ----------------------------------
+
+def validity(probability: torch.Tensor, counterfactual_probability: torch.Tensor,
+             threshold: float) -> dict[str, torch.Tensor]:
+    """``flipped``: did the decision change; ``change``: how far P(positive) moved
+    towards the other class (positive = in the intended direction)."""
+    if probability.shape != counterfactual_probability.shape or probability.ndim != 1:
+        raise EvaluationError(f"probabilities must both be (B,), got {tuple(probability.shape)} and "
+                              f"{tuple(counterfactual_probability.shape)}")
+    called = probability >= threshold
+    flipped = (counterfactual_probability >= threshold) != called
+    direction = torch.where(called, -1.0, 1.0)
+    return {"flipped": flipped.float(), "change": direction * (counterfactual_probability - probability)}
+
+
+def _check_images(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.ndim != 4 or a.shape != b.shape:
+        raise EvaluationError(f"images must be (B, C, H, W) of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def proximity_l1(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel change, in model-space intensity [0, 1]."""
+    _check_images(images, counterfactuals)
+    return (counterfactuals.float() - images.float()).abs().flatten(1).mean(dim=1)
+
+
+def proximity_ssim(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:
+    """SSIM (torchmetrics, Gaussian 11 px window, data range 1)."""
+    _check_images(images, counterfactuals)
+    return structural_similarity_index_measure(counterfactuals.float(), images.float(), data_range=1.0,
+                                               reduction="none")
+
+
+class PenultimateFeatures:
+    """The input of a classifier's last linear layer: the fixed feature network for
+    the Fréchet distance (the bundle's own classifier, shipped and hashed)."""
+
+    def __init__(self, classifier: nn.Module):
+        linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise EvaluationError("classifier has no nn.Linear layer whose input could serve as features")
+        self.classifier = classifier
+        self.layer = linears[-1]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = self.layer.register_forward_hook(lambda _m, args, _out: captured.append(args[0].flatten(1).float()))
+        try:
+            for start in range(0, len(images), batch_size):
+                self.classifier(images[start:start + batch_size])
+        finally:
+            handle.remove()
+        return torch.cat(captured).cpu()
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets
+    (N, D), as FID computes it, on whatever features it is given."""
+    if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
+        raise EvaluationError(f"features must be (N, D) with equal D, got {tuple(features_a.shape)} and "
+                              f"{tuple(features_b.shape)}")
+    if len(features_a) < 2 or len(features_b) < 2:
+        raise EvaluationError("the Fréchet distance needs at least 2 samples per set")
+    a, b = features_a.double().numpy(), features_b.double().numpy()
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():
+        # Singular product (fewer samples than dimensions): regularise, as the
+        # reference FID implementation does.
+        offset = np.eye(cov_a.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+
+
+# -- faithfulness -------------------------------------------------------------------
+
+def blurred_baseline(images: torch.Tensor, window: int = 17) -> torch.Tensor:
+    """What "removed" pixels become: a local mean (keeps brightness, removes detail)."""
+    return F.avg_pool2d(images, kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+
+
+@dataclass
+class PerturbationCurves:
+    fractions: torch.Tensor  # (K + 1,) fraction of pixels perturbed, 0 .. 1
+    deletion: torch.Tensor  # (B, K + 1) P(explained class) as top pixels are removed
+    insertion: torch.Tensor  # (B, K + 1) P(explained class) as top pixels are restored to a blurred image
+    deletion_auc: torch.Tensor = field(init=False)  # (B,) lower = more faithful
+    insertion_auc: torch.Tensor = field(init=False)  # (B,) higher = more faithful
+
+    def __post_init__(self) -> None:
+        self.deletion_auc = torch.trapezoid(self.deletion, self.fractions, dim=1)
+        self.insertion_auc = torch.trapezoid(self.insertion, self.fractions, dim=1)
+
+
+@torch.no_grad()
+def deletion_insertion(classifier: nn.Module, images: torch.Tensor, saliency: torch.Tensor, *,
+                       threshold: float, steps: int = 16, baseline: torch.Tensor | None = None,
+                       seed: int = 0) -> PerturbationCurves:
+    """Deletion and insertion curves of the class the classifier called.
+
+    Pixels are taken in decreasing saliency; equal values (flat regions of a sparse
+    map) are ordered by a seeded random permutation, not by raster order, which
+    would otherwise favour maps that are zero over the top of the image.
+    """
+    if images.ndim != 4 or saliency.shape != (images.shape[0], *images.shape[-2:]):
+        raise EvaluationError(f"saliency {tuple(saliency.shape)} must be (B, H, W) of images {tuple(images.shape)}")
+    if steps < 2:
+        raise EvaluationError(f"steps must be >= 2, got {steps}")
+    batch, pixels = images.shape[0], images.shape[-2] * images.shape[-1]
+    baseline = blurred_baseline(images) if baseline is None else baseline
+    generator = torch.Generator().manual_seed(seed)
+    shuffle = torch.randperm(pixels, generator=generator).to(images.device)
+    flat = saliency.float().flatten(1)[:, shuffle]
+    order = shuffle[torch.argsort(flat, dim=1, descending=True, stable=True)]  # (B, P) pixel indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(pixels, device=images.device).expand(batch, -1))
+    fractions = torch.linspace(0.0, 1.0, steps + 1)
+    p = torch.sigmoid(classifier(images).reshape(-1).float())
+    called = p >= threshold
+    deletion, insertion = [], []
+    for fraction in fractions.tolist():
+        keep_top = (rank < round(fraction * pixels)).reshape(batch, 1, *images.shape[-2:])
+        deleted = torch.where(keep_top, baseline, images)
+        inserted = torch.where(keep_top, images, baseline)
+        probs = torch.sigmoid(classifier(torch.cat([deleted, inserted])).reshape(-1).float())
+        probs = torch.where(called.repeat(2), probs, 1.0 - probs)  # P(explained class)
+        deletion.append(probs[:batch])
+        insertion.append(probs[batch:])
+    return PerturbationCurves(fractions, torch.stack(deletion, 1).cpu(), torch.stack(insertion, 1).cpu())
+
+
+# -- robustness ---------------------------------------------------------------------
+
+def map_agreement(maps_a: torch.Tensor, maps_b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spearman rank correlation (torchmetrics) and SSIM between two sets of maps."""
+    if maps_a.ndim != 3 or maps_a.shape != maps_b.shape:
+        raise EvaluationError(f"maps must be (B, H, W) of equal shape, got {tuple(maps_a.shape)} and "
+                              f"{tuple(maps_b.shape)}")
+    a, b = maps_a.float(), maps_b.float()
+    # Spearman is undefined for a constant map; such a pair counts as no agreement.
+    spearman = torch.stack([
+        spearman_corrcoef(x.flatten(), y.flatten()) if x.std() > 0 and y.std() > 0 else torch.tensor(0.0)
+        for x, y in zip(a, b)])
+    ssim = structural_similarity_index_measure(a[:, None], b[:, None], data_range=1.0, reduction="none")
+    return {"spearman": spearman.float(), "ssim": ssim.float()}
+
+
+def add_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """Gaussian noise of standard deviation ``sigma`` (model-space intensity), clamped."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+    return (images + sigma * noise).clamp(0.0, 1.0)
+
+
+# -- cost ---------------------------------------------------------------------------
+
+@dataclass
+class Cost:
+    seconds: float = 0.0
+    peak_bytes: int = 0  # peak memory above the level at the start of the measurement
+    peak_source: str = ""
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def measure(device: torch.device) -> Iterator[Cost]:
+    """Wall time and peak memory of a block: CUDA peak allocation on a GPU; on the
+    CPU the process's peak RSS above its level at entry (torch's allocations are
+    invisible to tracemalloc), or the lifetime ru_maxrss where the peak cannot be reset."""
+    cost = Cost()
+    start_kib: int | None = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+    else:
+        resettable = _reset_peak_rss()
+        start_kib = _status_kib("VmRSS") if resettable else None
+    started = time.perf_counter()
+    try:
+        yield cost
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cost.seconds = time.perf_counter() - started
+        if device.type == "cuda":
+            cost.peak_bytes, cost.peak_source = torch.cuda.max_memory_allocated(device) - start_bytes, "cuda"
+        elif start_kib is not None and (peak := _status_kib("VmHWM")) is not None:
+            cost.peak_bytes, cost.peak_source = max(0, peak - start_kib) * 1024, "rss"
+        else:
+            cost.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            cost.peak_source = "ru_maxrss (process lifetime)"
