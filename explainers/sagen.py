@@ -37,7 +37,7 @@ from explainers.bundle import BundleError
 DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
 
 
-class _Head(nn.Module):
+class ResidualHead(nn.Module):
     """3x3 conv + LeakyReLU + 1x1 conv to a one-channel residual (last layer zero)."""
 
     def __init__(self, features: int, channels: int):
@@ -75,8 +75,8 @@ class SagenGenerator(nn.Module):
         self.body = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=features[5], features=features,
                               norm=("instance", {"affine": True}), upsample=upsample)
         self.body.final_conv = nn.Identity()  # the decoder's features go to the two heads
-        self.similar_head = _Head(features[5], in_channels)
-        self.adversarial_head = _Head(features[5], in_channels)
+        self.similar_head = ResidualHead(features[5], in_channels)
+        self.adversarial_head = ResidualHead(features[5], in_channels)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, as stored in bundle.yaml."""

@@ -24,7 +24,7 @@ LOG_FILE = "sagen_training_log.csv"
 DEFAULT_SIZE = 64  # generator working side; the residual is upsampled to the bundle's input size
 
 
-def _subset(split: Split, limit: int | None, seed: int) -> Split:
+def seeded_subset(split: Split, limit: int | None, seed: int) -> Split:
     """A seeded random subset (the manifest is sorted by class: the first N would be one class)."""
     if limit is None or limit >= len(split.labels):
         return split
@@ -49,7 +49,7 @@ def train_sagen_bundle(
     # The same patient split as the classifier's (its training seed), so validation means the same.
     split_seed = int(spec.training.get("seed", 0))
     splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect), seed=split_seed)
-    splits = {name: _subset(s, max_images, seed) for name, s in splits.items()}
+    splits = {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
     classifier = target.load_classifier(device=device)
 
     torch.manual_seed(seed)
@@ -111,7 +111,7 @@ def train_sagen_bundle(
             "called_positive_fraction": round(result.called_positive_fraction, 4),
             "data": {"source": data.name, "max_images": max_images,
                      "splits": {k: int(len(v.labels)) for k, v in splits.items()}},
-            "validation": _rounded(result.validation), "test": _rounded(test),
+            "validation": rounded_metrics(result.validation), "test": rounded_metrics(test),
             "wall_time_s": round(time.perf_counter() - started, 1), "device": device,
             "torch": torch.__version__, "python": platform.python_version(), "log": LOG_FILE,
         },
@@ -120,6 +120,6 @@ def train_sagen_bundle(
     return Bundle.load(target.root)
 
 
-def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+def rounded_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: (int(v) if k == "n" else None if math.isnan(v) else round(v, 4)) for k, v in metrics.items()}
 

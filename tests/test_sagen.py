@@ -1,57 +1,29 @@
 """sagen (Charachon et al. 2020): the two-headed generator, its explainer, its
 training loop and `medxplain train sagen`.
 
-Where the answer must be known exactly, a hand-made classifier is used: its logit is
-K * (mean intensity of a fixed box - C), so the only way to change its decision is
-to brighten or darken that box. Real images and the demo classifier are used for
+Where the answer must be known exactly, the hand-made box classifier of
+tests/generator_helpers.py is used. Real images and the demo classifier are used for
 shapes, batch independence and the command line (on a temporary copy of the demo
 bundle: the repository's bundle is never modified).
 """
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
 
-from dicom_io.preprocess import InputSpec, Preprocessor
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.sagen import SagenExplainer, SagenGenerator
 from explainers.train_sagen import SagenLossWeights, SagenTrainingConfig, evaluate_sagen, train_sagen
-from tests.conftest import PROJECT_ROOT, kermany_subset
-
-DEMO_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia"
-SIZE = 32
-BOX = (8, 20, 8, 20)  # rows [8, 20), cols [8, 20)
-K, C = 12.0, 0.5
-TINY = (8, 8, 16, 16, 32, 8)
-
-
-class BoxClassifier(nn.Module):
-    """logit = K * (mean of BOX - C): positive when the box is bright."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return K * (images[:, 0, BOX[0]:BOX[1], BOX[2]:BOX[3]].mean(dim=(1, 2)) - C)
-
-
-def box_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy backgrounds with soft structure; half of them with a bright blob in BOX."""
-    g = torch.Generator().manual_seed(seed)
-    images = 0.25 + 0.1 * torch.rand(n, 1, SIZE, SIZE, generator=g)
-    labels = torch.arange(n) % 2
-    for i in range(n):
-        if labels[i]:
-            top, left = (b + int(torch.randint(0, 3, (1,), generator=g)) for b in (BOX[0], BOX[2]))
-            images[i, :, top:top + 10, left:left + 10] = 0.9
-    return images.clamp(0, 1), labels
+from tests.conftest import PROJECT_ROOT
+from tests.generator_helpers import (
+    DEMO_BUNDLE, TINY, BoxClassifier, box_images, bundle_copy, real_images, small_data,
+)
 
 
 def randomised(generator: SagenGenerator, seed: int = 0) -> SagenGenerator:
@@ -61,21 +33,6 @@ def randomised(generator: SagenGenerator, seed: int = 0) -> SagenGenerator:
         for head in (generator.similar_head, generator.adversarial_head):
             head.out.weight.copy_(0.05 * torch.randn(head.out.weight.shape, generator=g))
     return generator.eval()
-
-
-def real_images(kermany_dir: Path, n: int, size: int = 128) -> torch.Tensor:
-    """n shared Kermany test images (both classes), through the same Preprocessor as DICOM input."""
-    rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
-    picked = []
-    for label in ("0", "1"):
-        picked += [r for r in rows if r["split"] == "test" and r["label"] == label][: (n + 1) // 2]
-    preprocess = Preprocessor(InputSpec((size, size), "squash"))
-    out = []
-    for r in picked[:n]:
-        with Image.open(kermany_dir / r["path"]) as img:
-            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        out.append(preprocess(display).as_tensor())
-    return torch.stack(out)
 
 
 @pytest.fixture(scope="module")
@@ -200,19 +157,8 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
 
 # -- the command line and the bundle -------------------------------------------------
 
-def _bundle_copy(tmp_path: Path) -> Path:
-    copy = tmp_path / "bundle"
-    shutil.copytree(DEMO_BUNDLE, copy, ignore=shutil.ignore_patterns(".checkpoints"))
-    return copy
-
-
-def _small_data(tmp_path: Path, kermany_dir: Path) -> Path:
-    """A small real subset, read in place through symlinks."""
-    return kermany_subset(kermany_dir, tmp_path / "data", {"train": 96, "test": 16})
-
-
 def test_missing_weights_give_a_clear_error(tmp_path):
-    bundle = Bundle.load(_bundle_copy(tmp_path))
+    bundle = Bundle.load(bundle_copy(tmp_path))
     bundle.spec.explainers.pop("sagen", None)
     with pytest.raises(BundleError, match="medxplain train sagen"):
         SagenExplainer.from_bundle(bundle)
@@ -220,11 +166,11 @@ def test_missing_weights_give_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_train_sagen_command_adds_a_working_explainer_to_a_bundle(tmp_path, kermany_dir):
-    bundle_dir = _bundle_copy(tmp_path)
+    bundle_dir = bundle_copy(tmp_path)
     original = (DEMO_BUNDLE / "bundle.yaml").read_text()
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "train", "sagen", "--bundle", str(bundle_dir),
-         "--data", str(_small_data(tmp_path, kermany_dir)), "--max-images", "64", "--epochs", "1", "--size", "32"],
+         "--data", str(small_data(tmp_path, kermany_dir)), "--max-images", "64", "--epochs", "1", "--size", "32"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "sagen_generator.safetensors" in done.stdout
