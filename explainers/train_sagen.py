@@ -34,6 +34,7 @@ from monai.transforms import RandAffine
 from monai.utils import set_determinism
 from torch import nn
 
+from explainers.checkpoints import EpochCheckpoints, TrainingState
 from explainers.sagen import PatchCritic, SagenGenerator
 
 
@@ -197,34 +198,19 @@ def train_sagen(
             images = F.interpolate(images, size=(critic_size, critic_size), mode="area")
         return discriminator(images)
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_path or checkpoint_dir / "sagen_training_log.csv"
-    last, best = checkpoint_dir / "last.ckpt", checkpoint_dir / "best.ckpt"
     # What a checkpoint must share with this call to be resumed (epochs and device may change).
     setup = {k: v for k, v in config.as_dict().items() if k not in ("epochs", "device")}
     fingerprint = json.dumps({"generator": generator.config(), "n_train": len(train_images), **setup},
                              sort_keys=True)
-    start_epoch, best_key, best_epoch, log = 0, None, -1, []
-    elapsed_before = 0.0
-    if not last.exists() and best.exists():
-        best.unlink()  # left by an interrupted first epoch of another run
-    if last.exists():
-        # Our own checkpoint; weights_only=True refuses arbitrary objects.
-        state = torch.load(last, weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{last} was written for a different setup ({state['fingerprint']}), not "
-                             f"{fingerprint}; delete {checkpoint_dir} to start afresh")
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        start_epoch, best_epoch = int(state["epoch"]) + 1, int(state["best_epoch"])
-        best_key = tuple(state["best_key"].tolist()) if best_epoch >= 0 else None
-        log = [dict(zip(state["log_keys"], row.tolist())) for row in state["log"]]
-        elapsed_before = log[-1]["seconds"] if log else 0.0
+    checkpoints = EpochCheckpoints(checkpoint_dir, fingerprint, {
+        "generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d},
+        best_parts=("generator",))
+    state: TrainingState = checkpoints.resume()
+    log_path = log_path or checkpoint_dir / "sagen_training_log.csv"
+    elapsed_before = state.elapsed_s
 
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(state.start_epoch, config.epochs):
             # Everything random in an epoch derives from (seed, epoch): resume == no interruption.
             epoch_seed = (config.seed * 100_003 + epoch) % (2**31)
             torch.manual_seed(epoch_seed)
@@ -281,28 +267,15 @@ def train_sagen(
 
             val = evaluate_sagen(generator, classifier, val_images, config.threshold,
                                  batch_size=max(config.batch_size, 64), device=device)
-            row = {"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in sums.items()},
-                   **{f"val_{k}": v for k, v in val.items() if k != "n"},
-                   "seconds": elapsed_before + time.perf_counter() - started}
-            log.append(row)
-            key = _selection_key(val)
-            if best_key is None or key > best_key:
-                best_key, best_epoch = key, epoch
-                torch.save({"generator": generator.state_dict()}, best)
-            keys = list(log[0].keys())
-            torch.save({
-                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch,
-                "best_epoch": best_epoch, "best_key": torch.tensor(best_key, dtype=torch.float64),
-                "fingerprint": fingerprint, "log_keys": keys,
-                "log": torch.tensor([[r[k] for k in keys] for r in log], dtype=torch.float64),
-            }, last)
-            write_log(log, log_path)
+            state.log.append({"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in sums.items()},
+                              **{f"val_{k}": v for k, v in val.items() if k != "n"},
+                              "seconds": elapsed_before + time.perf_counter() - started})
+            checkpoints.end_epoch(epoch, _selection_key(val), state)
+            write_log(state.log, log_path)
             if on_epoch:
-                on_epoch(row)
+                on_epoch(state.log[-1])
 
-        if best.exists():
-            generator.load_state_dict(torch.load(best, weights_only=True)["generator"])
+        checkpoints.load_best()
         generator.eval()
         validation = evaluate_sagen(generator, classifier, val_images, config.threshold,
                                     batch_size=max(config.batch_size, 64), device=device)
@@ -310,9 +283,9 @@ def train_sagen(
         classifier.train(classifier_modes[0])
         for p, flag in zip(classifier.parameters(), classifier_modes[1]):
             p.requires_grad_(flag)
-    return SagenTrainingResult(best_epoch=best_epoch, validation=validation,
-                               called_positive_fraction=positive_fraction, log=log,
-                               wall_time_s=log[-1]["seconds"] if log else 0.0)
+    return SagenTrainingResult(best_epoch=state.best_epoch, validation=validation,
+                               called_positive_fraction=positive_fraction, log=state.log,
+                               wall_time_s=state.elapsed_s)
 
 
 def write_log(rows: list[dict[str, float]], path: Path) -> None:
