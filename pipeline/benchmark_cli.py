@@ -41,6 +41,56 @@ def make_lesions_command(
     console.print(f"[green]wrote[/] {result.root} — {summary}")
 
 
+def benchmark_command(
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier and explainers are benchmarked"),
+    out: Path = typer.Option(..., help="report folder (report.md, report.html, PNG figures, .cache/ to resume)"),
+    methods: str = typer.Option(None, help="comma-separated methods (default: every one the bundle can run)"),
+    n: int = typer.Option(100, help="test cases (lesion data: positives with a mask; else class-balanced)"),
+    data: Path = typer.Option(None, help="data folder with manifest.csv (default: the bundle's training data)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(16, help="images per explain() call"),
+    robustness_n: int = typer.Option(32, help="cases explained again under each noise level"),
+    steps: int = typer.Option(16, help="deletion / insertion steps"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Run every explainer on the same test images and write one report."""
+    import shlex
+    import time
+
+    from pipeline.benchmark import BenchmarkError, run_benchmark
+    from pipeline.benchmark_report import write_report
+
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console) as progress:
+        bars: dict[str, int] = {}
+
+        def on_method(name: str, state: str) -> None:
+            bars[name] = progress.add_task(name, total=1.0, completed=1.0 if state == "cached" else 0.0)
+            if state == "cached":
+                progress.console.print(f"{name}: finished in an earlier run (cached in {out / '.cache'})")
+
+        try:
+            result = run_benchmark(
+                bundle_path=bundle, out=out, methods=methods.split(",") if methods else None, n=n, data=data,
+                device=device, batch_size=batch_size, robustness_n=robustness_n, steps=steps, seed=seed,
+                on_method=on_method, on_progress=lambda name, f: progress.update(bars[name], completed=f))
+        except BenchmarkError as exc:
+            console.print(f"[red]cannot benchmark:[/] {exc}")
+            raise typer.Exit(2)
+    # Every option spelled out (not argv, which may be a test runner's): the exact command.
+    command = " ".join(["medxplain", "benchmark", "--bundle", shlex.quote(str(bundle)), "--out",
+                        shlex.quote(str(out))] + (["--methods", methods] if methods else [])
+                       + ["--n", str(n)] + (["--data", shlex.quote(str(data))] if data else [])
+                       + ["--device", device, "--batch-size", str(batch_size), "--robustness-n", str(robustness_n),
+                          "--steps", str(steps), "--seed", str(seed)])
+    report_md, report_html = write_report(result, command=command, wall_s=time.perf_counter() - started)
+    for name, reason in result.skipped.items():
+        console.print(f"[yellow]skipped {name}:[/] {reason}")
+    console.print(f"[green]wrote[/] {report_md} and {report_html} ({time.perf_counter() - started:.0f} s)")
+
+
 def register(app: typer.Typer) -> None:
     """Add `make-lesions` and `benchmark` to the `medxplain` app."""
     app.command("make-lesions")(make_lesions_command)
+    app.command("benchmark")(benchmark_command)
