@@ -222,3 +222,37 @@ def test_shipped_weights_flip_the_decision(kermany_dir, demo_classifier):
     assert flipped >= 0.9, f"flip rate {flipped:.3f} on 64 shared test images"
     # the path follows the requested posterior on average (the paper's consistency)
     assert sum(c["posterior_tracking_mae"] for c in e.checks) / len(e.checks) < 0.3
+
+
+@pytest.mark.slow
+def test_explain_writes_the_path_as_valid_dicom(tmp_path, shared_dicom_files):
+    """`medxplain explain --explainers exaggeration` on a real CR: one counterfactual SC per
+    path step, an overlay, a SEG and an SR that holds the checks; all valid for dciodvfy."""
+    from explainers.bundle import ExplainerSpec, save_weights
+    from tests.dicom_validation import assert_valid
+
+    bundle = Bundle.load(bundle_copy(tmp_path))
+    generator = randomised(ConditionalGenerator(widths=TINY, size=64))
+    bundle.spec.explainers["exaggeration"] = ExplainerSpec(
+        parameters={"network": generator.config(), "steps": 4},
+        weights={"generator": save_weights(generator, bundle.root / "exaggeration_generator.safetensors")})
+    bundle.save_spec()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "explain", str(shared_dicom_files[0]), "--out", str(out),
+         "--bundle", str(bundle.root), "--explainers", "exaggeration"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    files = sorted(out.glob("*/*.dcm"))
+    import pydicom
+
+    datasets = {f: pydicom.dcmread(f) for f in files}
+    kinds = sorted(ds.Modality for ds in datasets.values())
+    assert kinds.count("SR") == 1 and kinds.count("SEG") <= 1
+    counterfactuals = [ds for ds in datasets.values() if "COUNTERFACTUAL" in str(ds.get("SeriesDescription", ""))]
+    assert len(counterfactuals) == 4, sorted(str(ds.get("SeriesDescription")) for ds in datasets.values())
+    for path in files:
+        assert_valid(path)
+    sr = next(ds for ds in datasets.values() if ds.Modality == "SR")
+    text = str(sr)
+    assert "posterior_tracking_mae" in text and "exaggeration" in text
