@@ -21,7 +21,7 @@ from explainers.train_exaggeration import (
     train_exaggeration,
 )
 from pipeline.datasets import load_splits
-from pipeline.train_sagen import rounded_metrics, seeded_subset
+from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset
 
 WEIGHTS_FILE = "exaggeration_generator.safetensors"
 LOG_FILE = "exaggeration_training_log.csv"
@@ -81,7 +81,7 @@ def train_exaggeration_bundle(
 
     test = evaluate_exaggeration(generator, classifier, splits["test"].images, spec.task.threshold, device=device)
     ref = save_weights(generator, target.root / WEIGHTS_FILE)
-    spec.explainers["exaggeration"] = ExplainerSpec(
+    explainer = ExplainerSpec(
         parameters={
             "architecture": "medxplain.ConditionalGenerator (U-Net, conditional instance norm on the posterior "
                             "bin, residual output)",
@@ -109,5 +109,4 @@ def train_exaggeration_bundle(
             "torch": torch.__version__, "python": platform.python_version(), "log": LOG_FILE,
         },
     )
-    target.save_spec()
-    return Bundle.load(target.root)
+    return add_explainer(target.root, "exaggeration", explainer)

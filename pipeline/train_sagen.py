@@ -2,7 +2,6 @@
 similar/adversarial generator (weights, settings in bundle.yaml, per-epoch log)."""
 from __future__ import annotations
 
-import math
 import platform
 import shlex
 import sys
@@ -17,20 +16,12 @@ from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec, save_weights
 from explainers.sagen import DEFAULT_FEATURES, PatchCritic, SagenGenerator
 from explainers.train_sagen import SagenLossWeights, SagenTrainingConfig, evaluate_sagen, train_sagen
-from pipeline.datasets import Split, load_splits
+from pipeline.datasets import load_splits
+from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset
 
 WEIGHTS_FILE = "sagen_generator.safetensors"
 LOG_FILE = "sagen_training_log.csv"
 DEFAULT_SIZE = 64  # generator working side; the residual is upsampled to the bundle's input size
-
-
-def seeded_subset(split: Split, limit: int | None, seed: int) -> Split:
-    """A seeded random subset (the manifest is sorted by class: the first N would be one class)."""
-    if limit is None or limit >= len(split.labels):
-        return split
-    index = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:limit]
-    index = index.sort().values
-    return Split(split.images[index], split.labels[index], [split.paths[i] for i in index.tolist()])
 
 
 def train_sagen_bundle(
@@ -87,7 +78,7 @@ def train_sagen_bundle(
 
     test = evaluate_sagen(generator, classifier, splits["test"].images, spec.task.threshold, device=device)
     ref = save_weights(generator, target.root / WEIGHTS_FILE)
-    spec.explainers["sagen"] = ExplainerSpec(
+    explainer = ExplainerSpec(
         parameters={
             "architecture": "medxplain.SagenGenerator (MONAI BasicUNet, two residual heads)",
             "network": generator.config(),
@@ -116,10 +107,4 @@ def train_sagen_bundle(
             "torch": torch.__version__, "python": platform.python_version(), "log": LOG_FILE,
         },
     )
-    target.save_spec()
-    return Bundle.load(target.root)
-
-
-def rounded_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: (int(v) if k == "n" else None if math.isnan(v) else round(v, 4)) for k, v in metrics.items()}
-
+    return add_explainer(target.root, "sagen", explainer)
