@@ -37,6 +37,23 @@ TASKS = {
 }
 
 
+# What a model card must say about each task's data, beyond the split sizes.
+TASK_DATA_NOTES = {
+    "pneumonia": [
+        "- Caveats: paediatric patients (age 1-5); images squashed to 224x224 and JPEG re-compressed;",
+        "  74% pneumonia in train. Performance on adult radiographs is unknown.",
+    ],
+    "lesions": [
+        "- **The lesions are synthetic**: round nodules, irregular opacities and diffuse patches inserted by",
+        "  `medxplain make-lesions` (explainers/lesions.py, seeded) into the real NORMAL Kermany radiographs;",
+        "  each NORMAL image appears once, with a lesion (label 1) or without (label 0), half and half per split.",
+        "  Data set: `medxplain make-lesions --data ../shared/data/kermany-cxr224 --out data/lesions-cxr224 --seed 0`.",
+        "  The classifier detects *these* lesions: it is a ground-truth benchmark model, not a clinical detector.",
+        "- Caveats: paediatric patients (age 1-5); images squashed to 224x224 and JPEG re-compressed, stored as PNG.",
+    ],
+}
+
+
 def train_classifier_bundle(
     *, data: Path, out: Path, name: str, task: str = "pneumonia", size: int = 128, epochs: int = 12,
     batch_size: int = 32, seed: int = 0, device: str = "cpu",
@@ -106,6 +123,13 @@ def train_classifier_bundle(
     return Bundle.load(out)
 
 
+def _task_of(spec: BundleSpec) -> str:
+    for name, task in TASKS.items():
+        if (task.positive_label, task.negative_label) == (spec.task.positive_label, spec.task.negative_label):
+            return name
+    raise ValueError(f"no model-card notes for task {spec.task.positive_label} vs {spec.task.negative_label}")
+
+
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
@@ -128,8 +152,7 @@ def write_model_card(bundle: Bundle) -> None:
         "",
         "## Data",
         f"- {s.data.get('source')}: splits {s.data.get('splits')}; {s.data.get('validation_split')}",
-        "- Caveats: paediatric patients (age 1-5); images squashed to 224x224 and JPEG re-compressed;",
-        "  74% pneumonia in train. Performance on adult radiographs is unknown.",
+        *TASK_DATA_NOTES[_task_of(s)],
         "",
         "## Metrics (threshold from validation)",
         "| split | AUROC | accuracy | sensitivity | specificity | n |",
