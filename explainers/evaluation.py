@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -202,14 +203,18 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     a, b = features_a.double().numpy(), features_b.double().numpy()
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        # Singular product (fewer samples than dimensions): regularise, as the
-        # reference FID implementation does.
-        offset = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    with warnings.catch_warnings():
+        # With fewer samples than dimensions the product is singular; scipy warns,
+        # the result is checked below and regularised if it is not finite.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():
+            # As the reference FID implementation does.
+            offset = np.eye(cov_a.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean)
+    return float(max(distance, 0.0))  # >= 0 in exact arithmetic; rounding can give -1e-6
 
 
 # -- faithfulness -------------------------------------------------------------------

@@ -139,16 +139,14 @@ def select_cases(data: Path, bundle: Bundle, *, n: int, seed: int, reference_n: 
 
 
 def _figure_cases(rows: list[dict[str, str]], labels: torch.Tensor) -> list[int]:
-    """Varied cases: one per lesion kind where there are kinds, else both classes."""
-    keys = [r.get("lesion_kind") or r["label"] for r in rows]
+    """Varied cases: taken in turn from each lesion kind where there are kinds, else
+    from each class."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get("lesion_kind") or row["label"], []).append(i)
     chosen: list[int] = []
-    for key in dict.fromkeys(keys):
-        chosen.append(keys.index(key))
-    for i in range(len(rows)):
-        if len(chosen) >= FIGURE_CASES:
-            break
-        if i not in chosen:
-            chosen.append(i)
+    for turn in range(max(len(g) for g in groups.values())):
+        chosen += [g[turn] for g in groups.values() if turn < len(g)]
     return sorted(chosen[:FIGURE_CASES])
 
 

@@ -86,13 +86,15 @@ def tables(result: BenchmarkResult) -> list[Table]:
                          "class, on the penultimate features of the bundle's own classifier (no Inception network: "
                          "nothing is downloaded). **Not comparable with published FIDs**; compare with the inputs' "
                          "own distance to the target class in the last row."))
-    rows = [[r.name, _fmt(r.summary["ms_per_image"], 1), _fmt(r.summary["ratio_to_forward"], 1),
-             _fmt(r.summary["peak_memory_mib"], 0)] for r in runs]
-    out.append(Table("Cost at prediction time", ["method", "ms / image", "× classifier forward", "peak memory MiB"],
-                     rows, f"Batches of {runs[0].summary['batch_size'] if runs else '?'} on "
-                           f"{result.environment['machine']}, {result.environment['threads']} torch threads; "
-                           f"one classifier forward pass: {result.forward_ms:.2f} ms / image in this run. "
-                           "Peak memory: peak RSS above the level before the call (CPU) or peak CUDA allocation."))
+    rows = [[r.name, _fmt(r.summary["ms_per_image"], 1), _fmt(r.summary["forward_ms_per_image"], 2),
+             _fmt(r.summary["ratio_to_forward"], 1), _fmt(r.summary["peak_memory_mib"], 0)] for r in runs]
+    out.append(Table("Cost at prediction time",
+                     ["method", "ms / image", "forward ms / image", "× classifier forward", "peak memory MiB"], rows,
+                     f"Batches of {runs[0].summary['batch_size'] if runs else '?'} on "
+                     f"{result.environment['machine']}, {result.environment['threads']} torch threads. Each method's "
+                     "ratio is against one batched classifier forward pass timed just before it, in the same "
+                     f"process (median of 5; at report time: {result.forward_ms:.2f} ms / image). Peak memory: peak "
+                     "RSS above the level before each explain() call (CPU) or peak CUDA allocation."))
     return out
 
 
@@ -109,6 +111,12 @@ def _grey(ax, image: np.ndarray, mask: np.ndarray | None) -> None:
         ax.imshow(outline, cmap="autumn", vmin=0, vmax=1, interpolation="nearest")
 
 
+def _path(run: MethodRun, index: int) -> torch.Tensor:
+    """A case's counterfactual path (T, C, H, W); only its last step where the cache
+    was written for another choice of figure cases."""
+    return run.arrays.get(f"figure_path_{index}", run.arrays["counterfactual"][index][None])
+
+
 def figure_grid(result: BenchmarkResult, path: Path) -> None:
     """Rows: the same cases. Columns: the input, then per method its saliency and,
     for counterfactual methods, the path steps and the difference (cf - input)."""
@@ -117,7 +125,7 @@ def figure_grid(result: BenchmarkResult, path: Path) -> None:
     for run in result.runs:
         columns.append((f"{run.name}\nsaliency", run, "saliency", 0))
         if "counterfactual" in run.arrays:
-            steps = run.arrays[f"figure_path_{cases.figure[0]}"].shape[0]
+            steps = _path(run, cases.figure[0]).shape[0]
             shown = sorted({int(round(x)) for x in np.linspace(0, steps - 1, min(steps, PATH_STEPS_SHOWN))})
             columns += [(f"{run.name}\npath {s + 1}/{steps}", run, "path", s) for s in shown]
             columns.append((f"{run.name}\ncf − input", run, "difference", 0))
@@ -143,7 +151,8 @@ def figure_grid(result: BenchmarkResult, path: Path) -> None:
                     outline = np.ma.masked_where(~_outline(mask), np.ones_like(image))
                     ax.imshow(outline, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             elif kind == "path":
-                _grey(ax, run.arrays[f"figure_path_{index}"][step, 0].float().numpy(), mask)
+                path_images = _path(run, index)
+                _grey(ax, path_images[min(step, len(path_images) - 1), 0].float().numpy(), mask)
             else:
                 diff = run.arrays["counterfactual"][index, 0].float().numpy() - image
                 bound = max(float(np.abs(diff).max()), 1e-3)
@@ -181,11 +190,16 @@ def _header(result: BenchmarkResult, command: str, wall_s: float) -> list[tuple[
     cases = result.cases
     kinds = "with masks (inserted lesions)" if cases.masks is not None else "class-balanced sample"
     labels = cases.labels.tolist()
+    called = ""
+    if result.runs:
+        positive = int((result.runs[0].arrays["probability"] >= spec.task.threshold).sum())
+        called = f"; the classifier calls {positive} of them {spec.task.positive_label}"
     return [
         ("bundle", f"{spec.name} {spec.version} ({spec.task.positive_label} vs {spec.task.negative_label}, "
                    f"threshold {spec.task.threshold:.4f}), bundle.yaml sha256 {result.bundle.sha256[:16]}…"),
         ("cases", f"{len(labels)} test images, {kinds}: {labels.count(1)} {spec.task.positive_label}, "
-                  f"{labels.count(0)} {spec.task.negative_label}"),
+                  f"{labels.count(0)} {spec.task.negative_label}{called}. Every method explains the class the "
+                  "classifier called; counterfactuals aim at the other class"),
         ("methods", ", ".join(r.name for r in result.runs)
          + (f" (from the cache of an earlier run: {', '.join(result.cached)})" if result.cached else "")),
         ("command", f"`{command}`"),
@@ -194,7 +208,8 @@ def _header(result: BenchmarkResult, command: str, wall_s: float) -> list[tuple[
         ("commit", result.environment["commit"]),
         ("machine", f"{result.environment['machine']}, {result.environment['threads']} torch threads, "
                     f"{result.environment['date']}"),
-        ("wall time", f"{wall_s:.0f} s (this invocation, cached methods excluded)"),
+        ("wall time", f"{wall_s:.0f} s for this invocation"
+                      + (" (methods read from the cache cost nothing here)" if result.cached else "")),
     ]
 
 
