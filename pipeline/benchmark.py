@@ -235,6 +235,7 @@ def run_method(name: str, bundle: Bundle, classifier: torch.nn.Module, cases: Ca
                batch_size: int, robustness_n: int, steps: int, seed: int, fingerprint: str,
                on_progress: Callable[[float], None]) -> MethodRun:
     """Explain every case (timed), then score. ``on_progress`` gets fractions of the work."""
+    started = time.perf_counter()
     explainer = explainer_class(name).from_bundle(bundle)
     threshold = bundle.spec.task.threshold
     images = cases.images.to(device)
@@ -301,6 +302,7 @@ def run_method(name: str, bundle: Bundle, classifier: torch.nn.Module, cases: Ca
             arrays[f"figure_path_{index}"] = path.half()
         summary.update(score_counterfactuals(classifier, cases, arrays["probability"], cf, cf_prob, threshold,
                                              device, arrays))
+    summary["wall_s"] = time.perf_counter() - started  # explain + noise re-runs + scoring
     return MethodRun(name, summary, arrays)
 
 
@@ -396,6 +398,8 @@ def environment() -> dict[str, str]:
         "commit": commit + (" (working tree modified)" if dirty and dirty != "unknown" else ""),
         "threads": str(torch.get_num_threads()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        # Timings are only comparable on a quiet machine: say how busy it was.
+        "load": "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min)".format(*os.getloadavg()),
     }
 
 

@@ -87,14 +87,17 @@ def tables(result: BenchmarkResult) -> list[Table]:
                          "nothing is downloaded). **Not comparable with published FIDs**; compare with the inputs' "
                          "own distance to the target class in the last row."))
     rows = [[r.name, _fmt(r.summary["ms_per_image"], 1), _fmt(r.summary["forward_ms_per_image"], 2),
-             _fmt(r.summary["ratio_to_forward"], 1), _fmt(r.summary["peak_memory_mib"], 0)] for r in runs]
+             _fmt(r.summary["ratio_to_forward"], 1), _fmt(r.summary["peak_memory_mib"], 0),
+             _fmt(r.summary.get("wall_s"), 0)] for r in runs]
     out.append(Table("Cost at prediction time",
-                     ["method", "ms / image", "forward ms / image", "× classifier forward", "peak memory MiB"], rows,
+                     ["method", "ms / image", "forward ms / image", "× classifier forward", "peak memory MiB",
+                      "benchmark wall s"], rows,
                      f"Batches of {runs[0].summary['batch_size'] if runs else '?'} on "
                      f"{result.environment['machine']}, {result.environment['threads']} torch threads. Each method's "
                      "ratio is against one batched classifier forward pass timed just before it, in the same "
                      f"process (median of 5; at report time: {result.forward_ms:.2f} ms / image). Peak memory: peak "
-                     "RSS above the level before each explain() call (CPU) or peak CUDA allocation."))
+                     "RSS above the level before each explain() call (CPU) or peak CUDA allocation. Benchmark wall s: "
+                     "the method's whole benchmark (explain, noisy re-runs, scoring) in the run that computed it."))
     return out
 
 
@@ -207,7 +210,7 @@ def _header(result: BenchmarkResult, command: str, wall_s: float) -> list[tuple[
                                ("python", "torch", "monai", "captum", "torchmetrics", "medxplain"))),
         ("commit", result.environment["commit"]),
         ("machine", f"{result.environment['machine']}, {result.environment['threads']} torch threads, "
-                    f"{result.environment['date']}"),
+                    f"{result.environment['date']}, {result.environment['load']} at the end of the run"),
         ("wall time", f"{wall_s:.0f} s for this invocation"
                       + (" (methods read from the cache cost nothing here)" if result.cached else "")),
     ]
