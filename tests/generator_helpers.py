@@ -44,19 +44,34 @@ def box_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return images.clamp(0, 1), labels
 
 
+def sampled_test_images(kermany_dir: Path, n: int, seed: int = 0, size: int = 128) -> torch.Tensor:
+    """A seeded random sample of n shared Kermany test images (the test split's own class mix).
+
+    Not the first n by name: the manifest is sorted by file name, and its first
+    NORMAL images are a harder-than-average group for the NORMAL -> PNEUMONIA direction.
+    """
+    rows = [r for r in csv.DictReader(open(kermany_dir / "manifest.csv")) if r["split"] == "test"]
+    picked = [rows[i] for i in sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n])]
+    return _preprocessed(kermany_dir, picked, size)
+
+
+def _preprocessed(kermany_dir: Path, rows: list[dict[str, str]], size: int) -> torch.Tensor:
+    preprocess = Preprocessor(InputSpec((size, size), "squash"))
+    out = []
+    for r in rows:
+        with Image.open(kermany_dir / r["path"]) as img:
+            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        out.append(preprocess(display).as_tensor())
+    return torch.stack(out)
+
+
 def real_images(kermany_dir: Path, n: int, size: int = 128) -> torch.Tensor:
     """n shared Kermany test images (both classes), through the same Preprocessor as DICOM input."""
     rows = list(csv.DictReader(open(kermany_dir / "manifest.csv")))
     picked = []
     for label in ("0", "1"):
         picked += [r for r in rows if r["split"] == "test" and r["label"] == label][: (n + 1) // 2]
-    preprocess = Preprocessor(InputSpec((size, size), "squash"))
-    out = []
-    for r in picked[:n]:
-        with Image.open(kermany_dir / r["path"]) as img:
-            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        out.append(preprocess(display).as_tensor())
-    return torch.stack(out)
+    return _preprocessed(kermany_dir, picked[:n], size)
 
 
 def bundle_copy(tmp_path: Path) -> Path:

@@ -31,7 +31,9 @@ from explainers.train_exaggeration import (
     train_exaggeration,
 )
 from tests.conftest import PROJECT_ROOT
-from tests.generator_helpers import DEMO_BUNDLE, BoxClassifier, box_images, bundle_copy, real_images, small_data
+from tests.generator_helpers import (
+    DEMO_BUNDLE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
+)
 
 TINY = (8, 16, 32)
 
@@ -217,9 +219,9 @@ def test_shipped_weights_flip_the_decision(kermany_dir, demo_classifier):
     if "exaggeration" not in bundle.spec.explainers:
         pytest.skip("the demo bundle has no exaggeration weights yet (medxplain train exaggeration)")
     explainer = ExaggerationExplainer.from_bundle(bundle)
-    e = explainer.explain(real_images(kermany_dir, 64), demo_classifier)
+    e = explainer.explain(sampled_test_images(kermany_dir, 64), demo_classifier)
     flipped = sum(c["flipped"] for c in e.checks) / len(e.checks)
-    assert flipped >= 0.9, f"flip rate {flipped:.3f} on 64 shared test images"
+    assert flipped >= 0.9, f"flip rate {flipped:.3f} on a seeded sample of 64 shared test images"
     # the path follows the requested posterior on average (the paper's consistency)
     assert sum(c["posterior_tracking_mae"] for c in e.checks) / len(e.checks) < 0.3
 
