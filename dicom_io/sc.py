@@ -219,18 +219,33 @@ def overlay_sc(
     return sc
 
 
+def _label_layout(text: str, rows: int, cols: int) -> tuple[object, str, tuple[int, int, int, int], int]:
+    """Font, text (one line, or broken at " - "), its bounding box and padding, such
+    that the whole label fits the image width: a truncated "NOT FOR DIAGNOSTIC USE"
+    would defeat its purpose on small sources (a 224 px radiograph)."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    size = max(10, int(round(min(rows, cols) / 55)))
+    # One line; else the warning on a line of its own; else one word per line before it.
+    head, _, warning = text.partition(" - ")
+    candidates = [text, f"{head}\n{warning}", "\n".join([*head.split(), warning])] if warning else [text]
+    while True:
+        font, pad = _font(size), max(3, size // 3)
+        for candidate in candidates:
+            box = probe.multiline_textbbox((0, 0), candidate, font=font)
+            if box[2] - box[0] + 2 * pad <= cols and box[3] - box[1] + 2 * pad <= rows:
+                return font, candidate, box, pad
+        if size <= 6:
+            raise ValueError(f"image of {cols}x{rows} pixels is too small for the burned-in label {text!r}")
+        size -= 1
+
+
 def _burn_label(pixels: np.ndarray, text: str) -> np.ndarray:
     """Burn white-on-black ``text`` into the bottom-left corner of a uint16 image."""
     rows, cols = pixels.shape
-    size = max(10, int(round(min(rows, cols) / 55)))
-    font = _font(size)
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
-    pad = max(3, size // 3)
-    box_w = min(cols, right - left + 2 * pad)
-    box_h = min(rows, bottom - top + 2 * pad)
+    font, text, (left, top, right, bottom), pad = _label_layout(text, rows, cols)
+    box_w, box_h = right - left + 2 * pad, bottom - top + 2 * pad
     mask = Image.new("L", (box_w, box_h), 0)
-    ImageDraw.Draw(mask).text((pad - left, pad - top), text, font=font, fill=255)
+    ImageDraw.Draw(mask).multiline_text((pad - left, pad - top), text, font=font, fill=255)
     m = np.asarray(mask) > 127
     out = pixels.copy()
     region = out[rows - box_h:, :box_w]

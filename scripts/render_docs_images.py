@@ -1,7 +1,8 @@
-"""Render what a viewer shows, for the README: the overlay SC that `medxplain
-explain` writes for a real file, and a counterfactual SC path (built from a
-synthetic path until a generative explainer is trained). Pixels are read back from
-the written DICOM objects, so the PNGs are exactly what a PACS viewer displays.
+"""Render what a viewer shows, for the README: the overlay SCs that `medxplain
+explain` writes for real files (baselines; and the generative explainers the bundle
+has weights for), and the counterfactual SC path of progressive exaggeration.
+Pixels are read back from the written DICOM objects, so the PNGs are exactly what a
+PACS viewer displays.
 
     .venv/bin/python scripts/render_docs_images.py [--bundle bundles/demo-pneumonia]
 """
@@ -20,14 +21,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
+from explainers.bundle import Bundle  # noqa: E402
 from dicom_io.convert import cr_from_pixels  # noqa: E402
-from dicom_io.reader import read_radiograph  # noqa: E402
-from dicom_io.sc import counterfactual_sc  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
 from pipeline.runner import explain_paths  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "docs" / "img"
+GENERATIVE = ("sagen", "exaggeration")  # rendered when the bundle has their weights
 
 
 def save_png(array: np.ndarray, path: Path, width: int = 900) -> None:
@@ -73,25 +74,35 @@ def main() -> int:
             height = min(t.shape[0] for t in tiles)
             save_png(np.concatenate([t[:height] for t in tiles], axis=1), OUT / name, width=1500)
 
-    # A synthetic counterfactual path (a dense patch fading out), written by the real writer.
-    source = read_radiograph(source_path)
-    yy, xx = np.mgrid[: source.rows, : source.columns]
-    blob = np.exp(-(((yy - 0.55 * source.rows) ** 2 + (xx - 0.3 * source.columns) ** 2) / (2 * 60.0 ** 2)))
-    path = [np.clip(source.display + 0.35 * blob * (1 - t), 0, 1) for t in (0.0, 0.5, 1.0)]
-    datasets = counterfactual_sc(source=source, images=path, path_probability=[0.91, 0.62, 0.18],
-                                 method="demo", context=engine.context("docs"), series_number=9002)
-    tiles = [to_display(pydicom.dcmread(_roundtrip(ds))) for ds in datasets]
-    save_png(np.concatenate(tiles, axis=1), OUT / "counterfactual_path_synthetic.png", width=1500)
+        generative = [m for m in GENERATIVE if m in Bundle.load(args.bundle).spec.explainers]
+        if generative:
+            render_generative(args.bundle, generative, wrapped, Path(tmp) / "generative")
     return 0
 
 
-def _roundtrip(ds: pydicom.Dataset):
-    from io import BytesIO
-
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return buffer
+def render_generative(bundle: Path, methods: list[str], source: Path, out: Path) -> None:
+    """Overlay + counterfactual SCs of each generative method, and the exaggeration path."""
+    engine = Engine(load_config(overrides={"bundle": bundle, "device": "cpu", "explainers": methods}))
+    (outcome,) = explain_paths(engine, [source], out)
+    if not outcome.ok:
+        raise SystemExit(f"explain failed: {outcome.error}")
+    by_series: dict[str, list[pydicom.Dataset]] = {}
+    for written in outcome.written:
+        ds = pydicom.dcmread(written)
+        by_series.setdefault(str(ds.SeriesDescription), []).append(ds)
+    tiles = []
+    for method in methods:
+        tiles.append(by_series[f"MEDXPLAIN OVERLAY {method}"][0].pixel_array)
+        path = sorted(by_series[f"MEDXPLAIN COUNTERFACTUAL {method}"], key=lambda d: int(d.InstanceNumber))
+        tiles.append(np.repeat(to_display(path[-1])[..., None], 3, axis=2))
+        if method == "exaggeration":
+            picks = [path[i] for i in sorted({0, len(path) // 4, len(path) // 2, 3 * len(path) // 4, len(path) - 1})]
+            save_png(np.concatenate([to_display(d) for d in picks], axis=1),
+                     OUT / "counterfactual_path_exaggeration.png", width=1500)
+    height = min(t.shape[0] for t in tiles)
+    resized = [np.asarray(Image.fromarray(t).resize((round(t.shape[1] * height / t.shape[0]), height)))
+               for t in tiles]
+    save_png(np.concatenate(resized, axis=1), OUT / "generative_kermany_pneumonia.png", width=1800)
 
 
 if __name__ == "__main__":

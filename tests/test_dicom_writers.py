@@ -513,3 +513,16 @@ def test_small_source_overlay_is_enlarged_so_the_warning_is_never_truncated():
     assert picture.shape[1] >= MIN_OVERLAY_WIDTH and picture.shape[2] == 3
     # The image area keeps the source aspect ratio (square here): band + width rows.
     assert picture.shape[0] > picture.shape[1]
+
+
+@pytest.mark.parametrize("side", [128, 224, 1024])
+def test_the_synthetic_label_fits_small_sources_whole(side):
+    """On a 224 px source the one-line label used to run off the right edge ("...NOT F")."""
+    from dicom_io.sc import _burn_label, _label_layout
+
+    text = "SYNTHETIC EXAGGERATION COUNTERFACTUAL - NOT FOR DIAGNOSTIC USE"
+    font, laid_out, (left, top, right, bottom), pad = _label_layout(text, side, side)
+    assert right - left + 2 * pad <= side and "NOT FOR DIAGNOSTIC USE" in laid_out
+    burned = _burn_label(np.zeros((side, side), dtype=np.uint16), laid_out)
+    lit_columns = np.flatnonzero(burned.any(axis=0))
+    assert lit_columns.size and lit_columns.max() < side - 1  # ends inside the image, with its margin
