@@ -224,7 +224,7 @@ def _label_layout(text: str, rows: int, cols: int) -> tuple[object, str, tuple[i
     that the whole label fits the image width: a truncated "NOT FOR DIAGNOSTIC USE"
     would defeat its purpose on small sources (a 224 px radiograph)."""
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    size = max(10, int(round(min(rows, cols) / 55)))
+    size = max(8, int(round(min(rows, cols) / 55)))
     # One line; else the warning on a line of its own; else one word per line before it.
     head, _, warning = text.partition(" - ")
     candidates = [text, f"{head}\n{warning}", "\n".join([*head.split(), warning])] if warning else [text]
