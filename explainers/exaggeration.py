@@ -37,6 +37,7 @@ from explainers.sagen import ResidualHead, smooth_maps
 
 DEFAULT_BINS = 10
 DEFAULT_WIDTHS = (16, 32, 64, 128)
+_CHUNK = 32  # path images per generator / classifier call at prediction time
 
 
 def bin_of(probability: torch.Tensor, bins: int) -> torch.Tensor:
@@ -208,9 +209,14 @@ class ExaggerationExplainer(Explainer):
         with torch.no_grad():
             probability = torch.sigmoid(classifier(images).reshape(-1).float())
             requested = sweep_targets(probability, self.threshold, steps)  # (B, T)
+            # B x T images: in chunks, so that memory stays bounded for any batch size.
             repeated = images.repeat_interleave(steps, dim=0)
-            path = generator(repeated, bin_of(requested.flatten(), bins)).reshape(batch, steps, *images.shape[1:])
-            path_probability = torch.sigmoid(classifier(path.flatten(0, 1)).reshape(-1).float()).reshape(batch, steps)
+            wanted = bin_of(requested.flatten(), bins)
+            flat = torch.cat([generator(repeated[i:i + _CHUNK], wanted[i:i + _CHUNK])
+                              for i in range(0, len(repeated), _CHUNK)])
+            logits = torch.cat([classifier(flat[i:i + _CHUNK]).reshape(-1) for i in range(0, len(flat), _CHUNK)])
+            path = flat.reshape(batch, steps, *images.shape[1:])
+            path_probability = torch.sigmoid(logits.float()).reshape(batch, steps)
             start, end = path[:, 0], path[:, -1]
             saliency = normalise_maps(smooth_maps((end - start).abs().sum(dim=1), self.smoothing_sigma))
             proximity = (end - images).abs().flatten(1).mean(dim=1)
