@@ -213,6 +213,14 @@ def test_train_exaggeration_command_adds_a_working_explainer_to_a_bundle(tmp_pat
     assert e.counterfactuals.shape == (2, 3, 1, 128, 128)
     assert explainer.threshold == pytest.approx(bundle.spec.task.threshold)
 
+    # Training on (resume to 2 epochs) replaces the weights and their pin in bundle.yaml.
+    again = subprocess.run(done.args[:-8] + ["--max-images", "48", "--epochs", "2", "--size", "32", "--width", "8"],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+    retrained = Bundle.load(bundle_dir)  # verifies the new pin
+    assert retrained.spec.explainers["exaggeration"].weights["generator"].sha256 != spec.weights["generator"].sha256
+    assert len(list(csv.DictReader(open(bundle_dir / "exaggeration_training_log.csv")))) == 2
+
 
 def test_shipped_weights_flip_the_decision(kermany_dir, demo_classifier):
     bundle = Bundle.load(DEMO_BUNDLE)
