@@ -70,8 +70,11 @@ def serve_dicom_command(
     except (OSError, sqlite3.Error) as exc:
         console.print(f"[red]cannot open the queue:[/] {escape(str(exc))}")
         raise typer.Exit(1)
-    # A service manager stops us with SIGTERM: shut down as for Ctrl-C.
+    # A service manager stops us with SIGTERM: shut down as for Ctrl-C. SIGINT is set
+    # too, because a process started in the background by a shell inherits SIGINT
+    # *ignored*, and then Python never raises KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         bound = node.start()
     except OSError as exc:
