@@ -357,7 +357,11 @@ def test_serve_dicom_command_runs_until_interrupted(tmp_path, cr_jpeg):
         _wait_for(lambda: any(f"study {study}" in line and "queued" in line for line in lines))
     finally:
         proc.send_signal(2)  # SIGINT, as Ctrl-C
-        proc.wait(timeout=60)  # generous: a loaded CI machine is slow to stop the threads
+        try:
+            proc.wait(timeout=60)  # generous: a loaded CI machine is slow to stop the threads
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave a server behind; the test still fails
+            raise
     reader.join(timeout=5)
     output = "".join(lines)
     assert proc.returncode == 0, output
