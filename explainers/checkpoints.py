@@ -7,6 +7,7 @@ Both are our own files, read with ``weights_only=True`` (no arbitrary objects).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,17 @@ class EpochCheckpoints:
             saved = torch.load(self.best, weights_only=True)
             for name in self.best_parts:
                 self.parts[name].load_state_dict(saved[name])
+
+
+def gan_checkpoints(directory: Path, *, generator: Any, discriminator: Any, opt_g: Any, opt_d: Any,
+                    n_train: int, settings: dict[str, Any]) -> EpochCheckpoints:
+    """Checkpoints of a generator/discriminator pair; best.ckpt keeps the generator.
+
+    The fingerprint is what a checkpoint must share with a later call to be resumed:
+    the network, the training set size and every setting except epochs and device.
+    """
+    setup = {k: v for k, v in settings.items() if k not in ("epochs", "device")}
+    fingerprint = json.dumps({"generator": generator.config(), "n_train": n_train, **setup}, sort_keys=True)
+    return EpochCheckpoints(directory, fingerprint, {
+        "generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d},
+        best_parts=("generator",))

@@ -18,7 +18,6 @@ on every batch; epochs reseed from (seed, epoch), so resuming is bit-identical.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch.nn.functional as F
 from monai.utils import set_determinism
 from torch import nn
 
-from explainers.checkpoints import EpochCheckpoints, TrainingState
+from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.exaggeration import ConditionalGenerator, ProjectionCritic, bin_centre, bin_of, sweep_targets
-from explainers.train_sagen import _as_float, _plain, augmentation, write_log
+from explainers.train_sagen import _as_float, augmentation, augmented_batches, write_log
 
 
 @dataclass
@@ -143,7 +142,6 @@ def train_exaggeration(
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
     augment = augmentation(config)
     w = config.weights
-    steps_per_epoch = (len(train_images) + config.batch_size - 1) // config.batch_size
     critic_size = generator.size
 
     def critic(images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -152,30 +150,22 @@ def train_exaggeration(
             images = F.interpolate(images, size=(critic_size, critic_size), mode="area")
         return discriminator(images, k)
 
-    # What a checkpoint must share with this call to be resumed (epochs and device may change).
-    setup = {k: v for k, v in config.as_dict().items() if k not in ("epochs", "device")}
-    fingerprint = json.dumps({"generator": generator.config(), "n_train": len(train_images), **setup}, sort_keys=True)
-    checkpoints = EpochCheckpoints(checkpoint_dir, fingerprint, {
-        "generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d},
-        best_parts=("generator",))
+    checkpoints = gan_checkpoints(checkpoint_dir, generator=generator, discriminator=discriminator, opt_g=opt_g,
+                                  opt_d=opt_d, n_train=len(train_images), settings=config.as_dict())
     state: TrainingState = checkpoints.resume()
     log_path = log_path or checkpoint_dir / "exaggeration_training_log.csv"
     elapsed_before = state.elapsed_s
 
     try:
         for epoch in range(state.start_epoch, config.epochs):
-            epoch_seed = (config.seed * 100_003 + epoch) % (2**31)
-            torch.manual_seed(epoch_seed)
-            order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(epoch_seed))
-            augment.set_random_state(seed=epoch_seed)
             generator.train()
             discriminator.train()
             sums: dict[str, float] = {}
             seen = 0
-            for step in range(steps_per_epoch):
-                index = order[step * config.batch_size:(step + 1) * config.batch_size]
-                x = torch.stack([_plain(augment(_as_float(train_images[i]))) for i in index]).clamp(0, 1).to(device)
-                n = len(index)
+            batches = augmented_batches(train_images, epoch=epoch, seed=config.seed, batch_size=config.batch_size,
+                                        augment=augment, device=device)
+            for step, x in enumerate(batches):
+                n = len(x)
                 with torch.no_grad():
                     own = bin_of(torch.sigmoid(classifier(x).reshape(-1).float()), bins)
                 wanted = torch.randint(0, bins, (n,), device=device)

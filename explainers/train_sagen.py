@@ -21,12 +21,11 @@ the same device.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from monai.transforms import RandAffine
 from monai.utils import set_determinism
 from torch import nn
 
-from explainers.checkpoints import EpochCheckpoints, TrainingState
+from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.sagen import PatchCritic, SagenGenerator
 
 
@@ -97,6 +96,19 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 def _plain(image: torch.Tensor) -> torch.Tensor:
     # MONAI transforms return MetaTensors; the loop only needs the pixels.
     return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
+def augmented_batches(images: torch.Tensor, *, epoch: int, seed: int, batch_size: int, augment: RandAffine,
+                      device: str) -> Iterator[torch.Tensor]:
+    """One epoch of augmented batches in [0, 1]. Everything random derives from
+    (seed, epoch), so a resumed run is bit-identical to an uninterrupted one."""
+    epoch_seed = (seed * 100_003 + epoch) % (2**31)
+    torch.manual_seed(epoch_seed)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch_seed))
+    augment.set_random_state(seed=epoch_seed)
+    for start in range(0, len(images), batch_size):
+        index = order[start:start + batch_size]
+        yield torch.stack([_plain(augment(_as_float(images[i]))) for i in index]).clamp(0, 1).to(device)
 
 
 def _threshold_logit(threshold: float) -> float:
@@ -183,7 +195,6 @@ def train_sagen(
     augment = augmentation(config)
     w = config.weights
     offset = _threshold_logit(config.threshold)
-    steps_per_epoch = (len(train_images) + config.batch_size - 1) // config.batch_size
     critic_size = generator.size
     positive_fraction = called_positive_fraction(classifier, train_images, config.threshold, device=device)
     if config.balance_classes:
@@ -198,32 +209,22 @@ def train_sagen(
             images = F.interpolate(images, size=(critic_size, critic_size), mode="area")
         return discriminator(images)
 
-    # What a checkpoint must share with this call to be resumed (epochs and device may change).
-    setup = {k: v for k, v in config.as_dict().items() if k not in ("epochs", "device")}
-    fingerprint = json.dumps({"generator": generator.config(), "n_train": len(train_images), **setup},
-                             sort_keys=True)
-    checkpoints = EpochCheckpoints(checkpoint_dir, fingerprint, {
-        "generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d},
-        best_parts=("generator",))
+    checkpoints = gan_checkpoints(checkpoint_dir, generator=generator, discriminator=discriminator, opt_g=opt_g,
+                                  opt_d=opt_d, n_train=len(train_images), settings=config.as_dict())
     state: TrainingState = checkpoints.resume()
     log_path = log_path or checkpoint_dir / "sagen_training_log.csv"
     elapsed_before = state.elapsed_s
 
     try:
         for epoch in range(state.start_epoch, config.epochs):
-            # Everything random in an epoch derives from (seed, epoch): resume == no interruption.
-            epoch_seed = (config.seed * 100_003 + epoch) % (2**31)
-            torch.manual_seed(epoch_seed)
-            order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(epoch_seed))
-            augment.set_random_state(seed=epoch_seed)
             generator.train()
             discriminator.train()
             sums: dict[str, float] = {}
             seen = 0
-            for step in range(steps_per_epoch):
-                index = order[step * config.batch_size:(step + 1) * config.batch_size]
-                x = torch.stack([_plain(augment(_as_float(train_images[i]))) for i in index]).clamp(0, 1).to(device)
-                n = len(index)
+            batches = augmented_batches(train_images, epoch=epoch, seed=config.seed, batch_size=config.batch_size,
+                                        augment=augment, device=device)
+            for step, x in enumerate(batches):
+                n = len(x)
                 with torch.no_grad():
                     called = (classifier(x).reshape(-1) - offset >= 0).float()
 
