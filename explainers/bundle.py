@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import yaml
@@ -168,6 +168,25 @@ class Bundle:
         except KeyError as exc:
             raise BundleError(f"{self.root}: bundle has no weights {method}.{part}; train them first") from exc
         return load_file(str(self.root / ref.file), device="cpu")
+
+    def load_network(self, method: str, part: str, build: Callable[..., nn.Module]) -> nn.Module:
+        """An explainer's trained network: ``build(**parameters["network"])`` with its weights.
+
+        Missing weights say which `medxplain train` command makes them; weights that do
+        not fit the stored network settings say so, naming both.
+        """
+        spec = self.spec.explainers.get(method)
+        if spec is None or part not in spec.weights:
+            raise BundleError(
+                f"{self.root}: bundle has no trained {method} {part} (explainers.{method}.weights.{part}); "
+                f"run `medxplain train {method} --bundle {self.root} --data <kermany folder>` first")
+        network = build(**spec.parameters.get("network", {}))
+        try:
+            network.load_state_dict(self.load_state(method, part))
+        except RuntimeError as exc:
+            raise BundleError(f"{self.root}: {method} {part} weights do not fit the network "
+                              f"{spec.parameters.get('network')}: {str(exc).splitlines()[0]}") from exc
+        return network
 
     @property
     def cam_layer(self) -> str:

@@ -32,7 +32,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from explainers.base import Explainer, Explanation, normalise_maps, register
-from explainers.bundle import BundleError
 from explainers.sagen import ResidualHead, smooth_maps
 
 DEFAULT_BINS = 10
@@ -189,17 +188,8 @@ class ExaggerationExplainer(Explainer):
 
     @classmethod
     def from_bundle(cls, bundle: Any, **parameters: Any) -> "ExaggerationExplainer":
-        spec = bundle.spec.explainers.get("exaggeration")
-        if spec is None or "generator" not in spec.weights:
-            raise BundleError(
-                f"{bundle.root}: bundle has no trained exaggeration generator (explainers.exaggeration.weights."
-                f"generator); run `medxplain train exaggeration --bundle {bundle.root} --data <kermany folder>` first")
-        generator = ConditionalGenerator(**spec.parameters.get("network", {}))
-        try:
-            generator.load_state_dict(bundle.load_state("exaggeration", "generator"))
-        except RuntimeError as exc:
-            raise BundleError(f"{bundle.root}: exaggeration generator weights do not fit the network "
-                              f"{spec.parameters.get('network')}: {str(exc).splitlines()[0]}") from exc
+        generator = bundle.load_network("exaggeration", "generator", ConditionalGenerator)
+        spec = bundle.spec.explainers["exaggeration"]
         defaults = {k: spec.parameters[k] for k in ("steps", "smoothing_sigma") if k in spec.parameters}
         return cls(generator=generator, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
 

@@ -31,7 +31,6 @@ from monai.networks.nets import BasicUNet, PatchDiscriminator
 from torch import nn
 
 from explainers.base import Explainer, Explanation, normalise_maps, register
-from explainers.bundle import BundleError
 
 # Default widths: (level 0..4, decoder output). 1.82 M parameters, 7.3 MB of float32 weights.
 DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
@@ -135,17 +134,8 @@ class SagenExplainer(Explainer):
 
     @classmethod
     def from_bundle(cls, bundle: Any, **parameters: Any) -> "SagenExplainer":
-        spec = bundle.spec.explainers.get("sagen")
-        if spec is None or "generator" not in spec.weights:
-            raise BundleError(
-                f"{bundle.root}: bundle has no trained sagen generator (explainers.sagen.weights.generator); "
-                f"run `medxplain train sagen --bundle {bundle.root} --data <kermany folder>` first")
-        generator = SagenGenerator(**spec.parameters.get("network", {}))
-        try:
-            generator.load_state_dict(bundle.load_state("sagen", "generator"))
-        except RuntimeError as exc:
-            raise BundleError(f"{bundle.root}: sagen generator weights do not fit the network "
-                              f"{spec.parameters.get('network')}: {str(exc).splitlines()[0]}") from exc
+        generator = bundle.load_network("sagen", "generator", SagenGenerator)
+        spec = bundle.spec.explainers["sagen"]
         defaults = {k: spec.parameters[k] for k in ("steps", "smoothing_sigma") if k in spec.parameters}
         return cls(generator=generator, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
 
