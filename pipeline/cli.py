@@ -106,6 +106,47 @@ def train_exaggeration_command(
                   f"L1 {test['proximity_l1']:.4f} (best epoch {spec.training['best_epoch'] + 1})")
 
 
+@train_app.command("cia")
+def train_cia_command(
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the inpainters are added to it)"),
+    data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
+    epochs: int = typer.Option(8, help="total epochs; a checkpoint in <bundle>/.checkpoints/cia is resumed (a "
+                                       "finished one only re-evaluates, e.g. with other search settings)"),
+    size: int = typer.Option(64, help="side the inpainters work at (multiple of 16); the fill is upsampled "
+                                      "to the bundle's input size"),
+    width: int = typer.Option(16, help="U-Net base width: features (w, 2w, 4w, 8w, 16w, w)"),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    max_images: int = typer.Option(None, help="use at most N images per split (smoke tests)"),
+    search_steps: int = typer.Option(60, help="per-image mask search: at most this many Adam steps"),
+    margin: float = typer.Option(1.0, help="logits by which the counterfactual must cross the threshold"),
+    area_weight: float = typer.Option(1.0, help="lambda1: weight of the mask's mean area"),
+    tv_weight: float = typer.Option(0.5, help="lambda2: weight of the mask's total variation"),
+) -> None:
+    """Train the inpainters of counterfactual impact analysis (cia) and evaluate the mask search."""
+    from explainers.bundle import BundleError
+    from pipeline.datasets import DatasetError
+    from pipeline.train_cia import CiaSearch, train_cia_bundle
+
+    try:
+        result = train_cia_bundle(bundle=bundle, data=data, epochs=epochs, size=size,
+                                  features=(width, 2 * width, 4 * width, 8 * width, 16 * width, width),
+                                  batch_size=batch_size, seed=seed, device=device, max_images=max_images,
+                                  search=CiaSearch(search_steps=search_steps, margin=margin,
+                                                   area_weight=area_weight, tv_weight=tv_weight))
+    except (BundleError, DatasetError, ValueError) as exc:
+        console.print(f"[red]cannot train cia:[/] {exc}")
+        raise typer.Exit(2)
+    spec = result.spec.explainers["cia"]
+    test = spec.training["test"]
+    console.print(f"[green]wrote[/] {', '.join(str(result.root / r.file) for r in spec.weights.values())} — "
+                  f"test flip rate {test['flip_rate']:.3f} (called positive {test['flip_rate_called_positive']}, "
+                  f"negative {test['flip_rate_called_negative']}), L1 {test['proximity_l1']:.4f}, "
+                  f"SSIM {test['proximity_ssim']:.3f}, {test['steps_used']:.1f} steps, "
+                  f"{test['ms_per_image']:.0f} ms/image (best epoch {spec.training['best_epoch'] + 1})")
+
+
 @app.command("explain")
 def explain_command(
     paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)"),

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 import explainers.baselines  # noqa: F401  (registers the baseline methods)
+import explainers.cia  # noqa: F401  (registers cia)
 import explainers.exaggeration  # noqa: F401  (registers exaggeration)
 import explainers.sagen  # noqa: F401  (registers sagen)
 from config.schema import MedxplainConfig

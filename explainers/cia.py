@@ -1,0 +1,276 @@
+"""Counterfactual impact analysis with inpainting (Major et al. 2020, "Interpreting
+medical image classifiers by optimization based counterfactual impact analysis").
+
+An inpainter is trained to fill a masked region of a radiograph from its
+neighbourhood; for every image a smooth low-resolution mask m is optimised so that
+the classifier's score of the infilled image x * (1 - m) + fill * m moves to the
+other class, while the mask stays small and smooth:
+
+    loss(m) = BCE(f(x_m) - t -+ margin, other class) + lambda1 * mean(m) + lambda2 * TV(m)
+
+(t = logit of the bundle's decision threshold, so the counterfactual must cross the
+threshold by ``margin`` logits). The saliency is the mask, the counterfactual the
+infilled image; ``steps > 1`` gives the path that scales the mask from 0 to m.
+
+Extension of the paper (both directions). The paper's inpainter is trained on
+healthy tissue, so it can only *remove* a finding. Validity is measured on every
+case here, so two inpainters with identical architecture and training are kept:
+
+- ``fill_normal``, trained on NORMAL images (the paper's setting): used for cases
+  the classifier calls positive (what must be removed for it to call them normal?);
+- ``fill_pneumonia``, trained on PNEUMONIA images: used for cases the classifier
+  calls negative (where would pneumonia have to be for it to call them positive?).
+
+The training sets are chosen by the ground-truth labels (what healthy or diseased
+tissue looks like), never by the classifier.
+
+Design details:
+- Inpainter: MONAI BasicUNet (instance norm) at a 64 px working size; input
+  (x * (1 - m), m), output a whole image through a sigmoid. Only the masked part of
+  its output is used, and it is upsampled and composed with the full-resolution
+  input (the residual trick): outside the mask the patient's pixels are untouched.
+- Mask: logits at ``mask_size`` x ``mask_size`` (16), m = sigmoid(logits) bilinearly
+  upsampled to the input size: smooth by construction. The search starts from a
+  small uniform mask (``initial_mask``) and grows it where the classifier needs it;
+  the area term pushes everything else down. Each image stops at the first of: its
+  counterfactual crosses the threshold by the margin (the smallest mask the search
+  found that flips it: shrinking further would trade validity for area, and costs
+  time), convergence (``tolerance``), or the budget (``search_steps``). The result
+  is the final state, flipped or not (the checks say which).
+- The per-image search is ``explainers.optimise.per_image_adam``: each image has its
+  own variables and stopping rule, finished images are frozen, and the inpainter
+  uses instance norm only, so an image's result does not depend on its batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from explainers.base import Explainer, Explanation, normalise_maps, register
+from explainers.optimise import SearchBudget, per_image_adam
+
+# Default widths: (level 0..4, decoder output). 1.8 M parameters per inpainter.
+DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
+FILLS = ("normal", "pneumonia")  # fill_normal: for cases called positive; fill_pneumonia: called negative
+_PROBE_SEED = 20200  # the fixed held-out mask on which the inpainter's own error is measured
+
+
+class Inpainter(nn.Module):
+    """Fills the masked part of an image from its neighbourhood.
+
+    ``size``: the side the U-Net works at (None: the input's own size). The input and
+    mask are area-downsampled to it; the fill is bilinearly upsampled back and used
+    inside the mask only.
+    """
+
+    def __init__(self, *, features: Sequence[int] = DEFAULT_FEATURES, size: int | None = 64, in_channels: int = 1):
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if len(features) != 6:
+            raise ValueError(f"features must hold 6 widths (5 levels + decoder output), got {features}")
+        if size is not None and (size < 16 or size % 16):
+            raise ValueError(f"inpainter size must be a multiple of 16 (the U-Net pools 4 times), got {size}")
+        self.features, self.size, self.in_channels = features, size, in_channels
+        self.body = BasicUNet(spatial_dims=2, in_channels=in_channels + 1, out_channels=in_channels,
+                              features=features, norm=("instance", {"affine": True}), upsample="nontrainable")
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, as stored in bundle.yaml."""
+        return {"features": list(self.features), "size": self.size, "in_channels": self.in_channels}
+
+    def fill(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """At the working size: images (B, C, s, s), masks (B, 1, s, s) in [0, 1] -> the
+        network's whole-image prediction (B, C, s, s) in [0, 1]; only its masked part is used."""
+        visible = images * (1.0 - masks)
+        return torch.sigmoid(self.body(torch.cat([visible * 2.0 - 1.0, masks * 2.0 - 1.0], dim=1)))
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [0, 1], masks (B, 1, H, W) in [0, 1] -> the infilled image
+        x * (1 - m) + upsample(fill) * m at the input size."""
+        height, width = images.shape[-2:]
+        resample = self.size is not None and (height, width) != (self.size, self.size)
+        if not resample and (height % 16 or width % 16):
+            raise ValueError(f"image sides must be multiples of 16 for the U-Net, got {height}x{width}")
+        if masks.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"mask {tuple(masks.shape)} must match the images {tuple(images.shape)}")
+        if resample:
+            work = F.interpolate(images, size=(self.size, self.size), mode="area")
+            work_masks = F.interpolate(masks, size=(self.size, self.size), mode="area")
+            filled = F.interpolate(self.fill(work, work_masks), size=(height, width), mode="bilinear",
+                                   align_corners=False)
+        else:
+            filled = self.fill(images, masks)
+        return images * (1.0 - masks) + filled * masks
+
+
+def random_masks(n: int, size: int, generator: torch.Generator, *, coverage: tuple[float, float] = (0.05, 0.6),
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """(n, 1, size, size) smooth random masks in [0, 1]: thresholded low-resolution noise
+    (blobs of varied size and number) with soft edges, half of them joined by a random
+    rectangle, a third of them at a partial opacity (the search's masks are soft too)."""
+    grid = int(torch.randint(3, 9, (1,), generator=generator))
+    noise = torch.randn(n, 1, grid, grid, generator=generator)
+    field = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).flatten(1)
+    wanted = coverage[0] + (coverage[1] - coverage[0]) * torch.rand(n, generator=generator)
+    level = torch.quantile(field, 1.0 - wanted, dim=1).diagonal()[:, None]  # row i at its own level
+    spread = field.std(dim=1, keepdim=True).clamp_min(1e-6)
+    masks = torch.sigmoid((field - level) / (0.1 * spread)).reshape(n, 1, size, size)
+    corners = torch.rand(n, 4, generator=generator)
+    rows = torch.arange(size).float()[None, :] / size
+    top, left = corners[:, 0:1] * 0.7, corners[:, 1:2] * 0.7
+    bottom, right = top + 0.1 + corners[:, 2:3] * 0.3, left + 0.1 + corners[:, 3:4] * 0.3
+    box = (((rows >= top) & (rows < bottom)).float()[:, :, None] * ((rows >= left) & (rows < right)).float()[:, None, :])
+    use_box = (torch.rand(n, generator=generator) < 0.5).float()[:, None, None]
+    masks = torch.maximum(masks, (box * use_box)[:, None])
+    opacity = torch.where(torch.rand(n, generator=generator) < 1 / 3, 0.3 + 0.7 * torch.rand(n, generator=generator),
+                          torch.ones(n))
+    return (masks * opacity[:, None, None, None]).clamp(0.0, 1.0).to(device)
+
+
+def probe_masks(n: int, size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The fixed held-out masks (the same for every image and batch) on which an
+    inpainter's own reconstruction error is measured."""
+    masks = random_masks(1, size, torch.Generator().manual_seed(_PROBE_SEED), coverage=(0.25, 0.25))
+    return (masks > 0.5).float().expand(n, 1, size, size).to(device)
+
+
+def hole_l1(prediction: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B,) mean |prediction - image| inside each mask (weighted by the mask)."""
+    weight = masks.expand_as(images).flatten(1)
+    return ((prediction - images).abs().flatten(1) * weight).sum(1) / weight.sum(1).clamp_min(1e-8)
+
+
+def total_variation(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) mean absolute difference between neighbouring pixels of (B, 1, h, w) maps."""
+    return ((maps[..., 1:, :] - maps[..., :-1, :]).abs().flatten(1).mean(1)
+            + (maps[..., :, 1:] - maps[..., :, :-1]).abs().flatten(1).mean(1))
+
+
+def threshold_logit(threshold: float) -> float:
+    t = min(max(threshold, 1e-6), 1 - 1e-6)
+    return math.log(t / (1 - t))
+
+
+@register("cia")
+class CiaExplainer(Explainer):
+    """saliency = the optimised mask; counterfactual = the infilled image (or the path scaling the mask)."""
+
+    version = "1"
+
+    def __init__(self, *, fill_normal: Inpainter, fill_pneumonia: Inpainter, steps: int = 1,
+                 search_steps: int = 60, learning_rate: float = 0.2, tolerance: float = 1e-3, patience: int = 10,
+                 margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 0.5, mask_size: int = 16,
+                 initial_mask: float = 0.1, threshold: float = 0.5):
+        if int(steps) < 1:
+            raise ValueError(f"cia steps must be >= 1, got {steps}")
+        if int(mask_size) < 2:
+            raise ValueError(f"cia mask_size must be >= 2, got {mask_size}")
+        if not 0.0 < initial_mask < 1.0:
+            raise ValueError(f"cia initial_mask must be in (0, 1), got {initial_mask}")
+        if margin < 0 or area_weight < 0 or tv_weight < 0:
+            raise ValueError(f"cia margin, area_weight and tv_weight must be >= 0, got {margin}, {area_weight}, "
+                             f"{tv_weight}")
+        budget = SearchBudget(steps=int(search_steps), learning_rate=float(learning_rate),
+                              tolerance=float(tolerance), patience=int(patience))
+        super().__init__(threshold=threshold, steps=int(steps), search_steps=budget.steps,
+                         learning_rate=budget.learning_rate, tolerance=budget.tolerance, patience=budget.patience,
+                         margin=float(margin), area_weight=float(area_weight), tv_weight=float(tv_weight),
+                         mask_size=int(mask_size), initial_mask=float(initial_mask))
+        self.fill_normal, self.fill_pneumonia = fill_normal.eval(), fill_pneumonia.eval()
+        self.steps, self.budget = int(steps), budget
+        self.margin, self.area_weight, self.tv_weight = float(margin), float(area_weight), float(tv_weight)
+        self.mask_size, self.initial_mask = int(mask_size), float(initial_mask)
+
+    PARAMETERS = ("steps", "search_steps", "learning_rate", "tolerance", "patience", "margin", "area_weight",
+                  "tv_weight", "mask_size", "initial_mask")
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, **parameters: Any) -> "CiaExplainer":
+        fill_normal = bundle.load_network("cia", "fill_normal", Inpainter)
+        fill_pneumonia = bundle.load_network("cia", "fill_pneumonia", Inpainter)
+        spec = bundle.spec.explainers["cia"]
+        defaults = {k: spec.parameters[k] for k in cls.PARAMETERS if k in spec.parameters}
+        return cls(fill_normal=fill_normal, fill_pneumonia=fill_pneumonia, threshold=bundle.spec.task.threshold,
+                   **{**defaults, **parameters})
+
+    def _masks(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(torch.sigmoid(logits), size=size, mode="bilinear", align_corners=False)
+
+    def _infill(self, images: torch.Tensor, masks: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Cases called positive are filled by fill_normal, the others by fill_pneumonia."""
+        out = torch.empty_like(images)
+        for network, chosen in ((self.fill_normal, positive), (self.fill_pneumonia, ~positive)):
+            if chosen.any():
+                out[chosen] = network(images[chosen], masks[chosen])
+        return out
+
+    def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        device = images.device
+        self.fill_normal.to(device).eval().requires_grad_(False)
+        self.fill_pneumonia.to(device).eval().requires_grad_(False)
+        batch, size = images.shape[0], tuple(images.shape[-2:])
+        offset = threshold_logit(self.threshold)
+        with torch.no_grad():
+            probability = torch.sigmoid(classifier(images).reshape(-1).float())
+        called = probability >= self.threshold
+        wanted = (~called).float()  # the class the counterfactual must reach
+        shift = self.margin * (2.0 * wanted - 1.0)
+
+        def loss_fn(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            masks = self._masks(logits, size)
+            infilled = self._infill(images[index], masks, called[index])
+            z = classifier(infilled).reshape(-1).float() - offset
+            classification = F.binary_cross_entropy_with_logits(z - shift[index], wanted[index], reduction="none")
+            m = torch.sigmoid(logits)
+            loss = (classification + self.area_weight * m.flatten(1).mean(1)
+                    + self.tv_weight * total_variation(m))
+            reached = torch.where(wanted[index] > 0, z >= self.margin, z <= -self.margin)
+            return loss, reached.detach()
+
+        start = math.log(self.initial_mask / (1.0 - self.initial_mask))
+        initial = torch.full((batch, 1, self.mask_size, self.mask_size), start, device=device)
+        with torch.enable_grad():
+            result = per_image_adam(initial, loss_fn, self.budget)
+
+        with torch.no_grad():
+            masks = self._masks(result.variables, size)
+            counterfactual = self._infill(images, masks, called)
+            alphas = torch.arange(1, self.steps + 1, device=device, dtype=images.dtype) / self.steps
+            # The path scales the mask from 0 to m: x + alpha * (infilled - x); lerp is exact at alpha = 1.
+            path = torch.lerp(images[:, None], counterfactual[:, None], alphas.reshape(1, self.steps, 1, 1, 1))
+            logits = classifier(path.flatten(0, 1)).reshape(-1).float()
+            path_probability = torch.sigmoid(logits).reshape(batch, self.steps)
+            saliency = normalise_maps(masks[:, 0])
+            proximity = (counterfactual - images).abs().flatten(1).mean(dim=1)
+            area = masks.flatten(1).mean(dim=1)
+            inpainting = self.inpainting_error(images, called)
+        checks = [{
+            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
+            "counterfactual_probability": float(path_probability[i, -1]),
+            "proximity_l1": float(proximity[i]),
+            "steps_used": int(result.steps_used[i]),
+            "goal_reached": bool(result.reached[i]),
+            "mask_area": float(area[i]),
+            "inpainting_l1": float(inpainting[i]),
+            "fill": "normal" if called[i] else "pneumonia",
+        } for i in range(batch)]
+        return Explanation(probability=probability, saliency=saliency, counterfactuals=path,
+                           path_probability=path_probability, checks=checks)
+
+    @torch.no_grad()
+    def inpainting_error(self, images: torch.Tensor, called: torch.Tensor) -> torch.Tensor:
+        """(B,) the inpainter's own reconstruction error on this image: mean |fill - x| inside
+        a fixed held-out mask (25% of the image), at the inpainter's working size."""
+        errors = torch.empty(images.shape[0], device=images.device)
+        for network, chosen in ((self.fill_normal, called), (self.fill_pneumonia, ~called)):
+            if chosen.any():
+                side = network.size or images.shape[-1]
+                work = F.interpolate(images[chosen], size=(side, side), mode="area")
+                masks = probe_masks(len(work), side, images.device)
+                errors[chosen] = hole_l1(network.fill(work, masks), work, masks)
+        return errors
