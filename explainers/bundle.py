@@ -169,8 +169,9 @@ class Bundle:
             raise BundleError(f"{self.root}: bundle has no weights {method}.{part}; train them first") from exc
         return load_file(str(self.root / ref.file), device="cpu")
 
-    def load_network(self, method: str, part: str, build: Callable[..., nn.Module]) -> nn.Module:
-        """An explainer's trained network: ``build(**parameters["network"])`` with its weights.
+    def load_network(self, method: str, part: str, build: Callable[..., nn.Module], *,
+                     settings: str = "network") -> nn.Module:
+        """An explainer's trained network: ``build(**parameters[settings])`` with its weights.
 
         Missing weights say which `medxplain train` command makes them; weights that do
         not fit the stored network settings say so, naming both.
@@ -180,12 +181,12 @@ class Bundle:
             raise BundleError(
                 f"{self.root}: bundle has no trained {method} {part} (explainers.{method}.weights.{part}); "
                 f"run `medxplain train {method} --bundle {self.root} --data <kermany folder>` first")
-        network = build(**spec.parameters.get("network", {}))
+        network = build(**spec.parameters.get(settings, {}))
         try:
             network.load_state_dict(self.load_state(method, part))
         except RuntimeError as exc:
             raise BundleError(f"{self.root}: {method} {part} weights do not fit the network "
-                              f"{spec.parameters.get('network')}: {str(exc).splitlines()[0]}") from exc
+                              f"{spec.parameters.get(settings)}: {str(exc).splitlines()[0]}") from exc
         return network
 
     @property
