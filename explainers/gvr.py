@@ -237,11 +237,12 @@ class GvrExplainer(Explainer):
             called = probability >= self.threshold
             wanted = (~called).float()
             loss_fn = self._objective(images, reference, wanted, classifier)
-            if self.mode == "optimise":
-                result = per_image_adam(z0, loss_fn, self.budget)
-                z_star, steps_used = result.variables, result.steps_used
-            else:
-                z_star, steps_used = self._gradient_shift(z0, loss_fn)
+            with torch.enable_grad():  # the search needs gradients even when the caller runs under no_grad
+                if self.mode == "optimise":
+                    result = per_image_adam(z0, loss_fn, self.budget)
+                    z_star, steps_used = result.variables, result.steps_used
+                else:
+                    z_star, steps_used = self._gradient_shift(z0, loss_fn)
             with torch.no_grad():
                 alphas = torch.arange(1, steps + 1, device=images.device, dtype=z0.dtype) / steps
                 # lerp is exact at weight 1: the last step decodes z* itself.

@@ -86,8 +86,8 @@ def test_counterfactual_moves_the_box_the_requested_way(box_autoencoder, mode):
     classifier = BoxClassifier()
     explainer = GvrExplainer(autoencoder=autoencoder, mode=mode, steps=4, search_steps=40, learning_rate=0.2,
                              similarity_weight=0.5, margin=1.0, max_shift=6.0, threshold=0.5)
-    e = explainer.explain(images, classifier)
-    with torch.no_grad():
+    with torch.no_grad():  # as the engine calls explainers: the search must still have its gradients
+        e = explainer.explain(images, classifier)
         logit_x, logit_cf = classifier(images), classifier(e.counterfactuals[:, -1])
     positive = logit_x > 0
     assert bool((positive == labels.bool()).all())  # the bright-box cases are the positives
