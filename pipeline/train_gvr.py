@@ -29,7 +29,7 @@ EVALUATION_BATCH = 32
 # The explainer's defaults as written to bundle.yaml (editable there without retraining).
 DEFAULT_PARAMETERS: dict[str, Any] = {
     "mode": "optimise", "steps": 5, "search_steps": 60, "learning_rate": 0.1, "tolerance": 1e-3, "patience": 10,
-    "margin": 1.0, "similarity_weight": 2.0, "max_shift": 3.0, "smoothing_sigma": 2.0,
+    "margin": 1.0, "similarity_weight": 2.0, "max_shift": 3.0, "smoothing_sigma": 4.0,
 }
 
 
