@@ -135,12 +135,14 @@ def to_input(change: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def invert(generator: MedxganGenerator, classifier: nn.Module, images: torch.Tensor, *,
-           encoder: MedxganEncoder | None, budget: SearchBudget, probability_weight: float = 0.1):
+           encoder: MedxganEncoder | None, budget: SearchBudget, probability_weight: float = 0.1,
+           trace: list[torch.Tensor] | None = None):
     """(z, SearchResult): z with G(z) ≈ x at the working size and f(up(G(z))) ≈ f(x).
 
     Starts from E(x) when an encoder is given (the fast route), else from z = 0 (the
     official code's start). Loss per image: L1 + MSE to the area-resampled image,
     plus ``probability_weight`` x BCE between the classifier's probabilities.
+    ``trace``: if given, each step appends the active images' L1 error (benchmarks).
     """
     target = to_working(images, generator.size)
     with torch.no_grad():
@@ -150,8 +152,10 @@ def invert(generator: MedxganGenerator, classifier: nn.Module, images: torch.Ten
 
     def loss_fn(z: torch.Tensor, index: torch.Tensor):
         generated = generator(z)
-        error = (generated - target[index]).abs().flatten(1).mean(1) + \
-            (generated - target[index]).pow(2).flatten(1).mean(1)
+        l1 = (generated - target[index]).abs().flatten(1).mean(1)
+        if trace is not None:
+            trace.append(l1.detach())
+        error = l1 + (generated - target[index]).pow(2).flatten(1).mean(1)
         if probability_weight > 0:
             logits = classifier(to_input(generated, images.shape[-2:])).reshape(-1).float()
             error = error + probability_weight * F.binary_cross_entropy_with_logits(logits, wanted[index],

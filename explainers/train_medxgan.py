@@ -144,7 +144,9 @@ def train_medxgan(
     w = config.weights
     offset = threshold_logit(config.threshold)
     size, input_shape = generator.size, tuple(train_images.shape[-2:])
-    selection = val_images[:config.validation_images]
+    # A seeded random sample: the validation split is sorted by class, its first images are one class.
+    pick = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(config.seed))
+    selection = val_images[pick[:config.validation_images].sort().values]
 
     checkpoints = gan_checkpoints(checkpoint_dir, generator=generator, discriminator=discriminator, opt_g=opt_g,
                                   opt_d=opt_d, n_train=len(train_images), settings=config.as_dict(),

@@ -106,8 +106,8 @@ def train_medxgan_bundle(
         training={
             "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": result.best_epoch,
-            "selection": f"highest flip rate of the explainer on the first {config.validation_images} validation "
-                         "images; ties: lowest inversion L1",
+            "selection": f"highest flip rate of the explainer on a seeded sample of {config.validation_images} "
+                         "validation images; ties: lowest inversion L1",
             "optimiser": {"name": "Adam", "learning_rate": config.learning_rate,
                           "discriminator_learning_rate": config.discriminator_learning_rate,
                           "betas": list(config.betas)},
