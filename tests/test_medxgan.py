@@ -144,7 +144,8 @@ def test_encoder_route_starts_from_the_encoder_and_stops_early():
 def test_the_walk_moves_the_classifier_to_the_other_class(positive):
     generator, classifier = BoxLatentGenerator(), BoxClassifier()
     images = generator(box_codes(3, positive=positive, seed=1))
-    e = box_explainer().explain(images, classifier)
+    with torch.no_grad():  # the engine explains under no_grad: the searches must still run
+        e = box_explainer().explain(images, classifier)
     assert ((e.probability >= 0.5) == positive).all()
     assert all(c["flipped"] for c in e.checks), e.checks
     first, last = e.path_probability[:, 0], e.path_probability[:, -1]
@@ -178,7 +179,8 @@ def test_integrated_gradients_along_the_latent_path_are_complete():
     within 2% on the box classifier at 32 steps (trapezoid rule; the path is curved)."""
     generator, classifier = BoxLatentGenerator(), BoxClassifier()
     images = torch.cat([generator(box_codes(2, True, seed=4)), generator(box_codes(2, False, seed=5))])
-    e = box_explainer(MedxganIGExplainer, ig_steps=32).explain(images, classifier)
+    with torch.no_grad():
+        e = box_explainer(MedxganIGExplainer, ig_steps=32).explain(images, classifier)
     for check in e.checks:
         assert abs(check["score_gap"]) > 1.0  # the walk changes the called class's logit
         assert check["completeness_relative"] < 0.02, check
