@@ -40,7 +40,7 @@ class CiaSearch:
 
     steps: int = 1
     search_steps: int = 60
-    learning_rate: float = 0.2
+    learning_rate: float = 0.4
     tolerance: float = 1e-3
     patience: int = 10
     margin: float = 1.0
