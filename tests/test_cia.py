@@ -136,6 +136,16 @@ def test_explanation_checks_are_consistent(steps):
     assert "cia" in available() and explainer_class("cia") is CiaExplainer
 
 
+def test_the_search_runs_under_no_grad_as_the_engine_calls_it():
+    images, _ = box_images(2, seed=11)
+    explainer = box_explainer(search_steps=30)
+    free = explainer.explain(images, BoxClassifier())
+    with torch.no_grad():
+        guarded = explainer.explain(images, BoxClassifier())
+    assert torch.equal(free.counterfactuals, guarded.counterfactuals)
+    assert all(c["flipped"] for c in guarded.checks) and not guarded.counterfactuals.requires_grad
+
+
 def test_the_area_term_keeps_the_mask_small():
     images, labels = box_images(4, seed=7)
     positive = images[labels.bool()]
