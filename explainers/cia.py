@@ -167,7 +167,7 @@ class CiaExplainer(Explainer):
 
     def __init__(self, *, fill_normal: Inpainter, fill_pneumonia: Inpainter, steps: int = 1,
                  search_steps: int = 60, learning_rate: float = 0.4, tolerance: float = 1e-3, patience: int = 10,
-                 margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 0.5, mask_size: int = 16,
+                 margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 3.0, mask_size: int = 16,
                  initial_mask: float = 0.1, threshold: float = 0.5):
         if int(steps) < 1:
             raise ValueError(f"cia steps must be >= 1, got {steps}")

@@ -122,7 +122,7 @@ def train_cia_command(
     search_steps: int = typer.Option(60, help="per-image mask search: at most this many Adam steps"),
     margin: float = typer.Option(1.0, help="logits by which the counterfactual must cross the threshold"),
     area_weight: float = typer.Option(1.0, help="lambda1: weight of the mask's mean area"),
-    tv_weight: float = typer.Option(0.5, help="lambda2: weight of the mask's total variation"),
+    tv_weight: float = typer.Option(3.0, help="lambda2: weight of the mask's total variation"),
 ) -> None:
     """Train the inpainters of counterfactual impact analysis (cia) and evaluate the mask search."""
     from explainers.bundle import BundleError

@@ -45,7 +45,7 @@ class CiaSearch:
     patience: int = 10
     margin: float = 1.0
     area_weight: float = 1.0
-    tv_weight: float = 0.5
+    tv_weight: float = 3.0
     mask_size: int = 16
     initial_mask: float = 0.1
 
