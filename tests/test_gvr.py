@@ -282,8 +282,9 @@ def test_shipped_weights_flip_the_decision(kermany_dir, demo_classifier):
     if "gvr" not in bundle.spec.explainers:
         pytest.skip("the demo bundle has no gvr weights yet (medxplain train gvr)")
     explainer = GvrExplainer.from_bundle(bundle)
-    images = sampled_test_images(kermany_dir, 24)
+    images = sampled_test_images(kermany_dir, 32)
     e = explainer.explain(images, demo_classifier)
     flipped = sum(c["flipped"] for c in e.checks) / len(e.checks)
-    assert flipped >= 0.8, f"flip rate {flipped:.3f} on a seeded sample of 24 shared test images"
+    # 1.000 on all 624 test images (bundle.yaml training.test); the bar leaves room for other CPUs' rounding.
+    assert flipped >= 0.9, f"flip rate {flipped:.3f} on a seeded sample of 32 shared test images"
     assert max(c["reconstruction_l1"] for c in e.checks) < 0.1
