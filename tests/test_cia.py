@@ -296,5 +296,5 @@ def test_shipped_weights_flip_the_decision(kermany_dir, demo_classifier):
     images = sampled_test_images(kermany_dir, 32)
     e = explainer.explain(images, demo_classifier)
     flipped = sum(c["flipped"] for c in e.checks) / len(e.checks)
-    assert flipped >= 0.8, f"flip rate {flipped:.3f} on a seeded sample of 32 shared test images"
+    assert flipped >= 0.85, f"flip rate {flipped:.3f} on a seeded sample of 32 shared test images"
     assert all(0 < c["mask_area"] < 1 for c in e.checks)
