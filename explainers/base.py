@@ -44,6 +44,9 @@ class Explainer(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
+    # The bundle.yaml explainers section whose trained networks the method needs
+    # (None: it needs only the classifier). medxgan_ig uses medxgan's networks.
+    bundle_section: ClassVar[str | None] = None
 
     def __init__(self, *, threshold: float = 0.5, **parameters: Any):
         self.threshold = float(threshold)

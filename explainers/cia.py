@@ -164,6 +164,7 @@ class CiaExplainer(Explainer):
     """saliency = the optimised mask; counterfactual = the infilled image (or the path scaling the mask)."""
 
     version = "1"
+    bundle_section = "cia"
 
     def __init__(self, *, fill_normal: Inpainter, fill_pneumonia: Inpainter, steps: int = 1,
                  search_steps: int = 60, learning_rate: float = 0.4, tolerance: float = 1e-3, patience: int = 10,

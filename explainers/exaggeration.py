@@ -175,6 +175,7 @@ class ExaggerationExplainer(Explainer):
     """Counterfactual path G(x, c_t) for c_t from f(x) to the other class; saliency from its endpoints."""
 
     version = "1"
+    bundle_section = "exaggeration"
 
     def __init__(self, *, generator: ConditionalGenerator, steps: int = 10, smoothing_sigma: float = 2.0,
                  threshold: float = 0.5):

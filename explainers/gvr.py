@@ -136,6 +136,7 @@ class GvrExplainer(Explainer):
     """rationale = D(z0) - D(z*); counterfactual = x + up(D(z*) - D(z0)) (or the z0 -> z* path)."""
 
     version = "1"
+    bundle_section = "gvr"
 
     def __init__(self, *, autoencoder: GvrAutoEncoder, mode: str = "optimise", steps: int = 5,
                  search_steps: int = 60, learning_rate: float = 0.1, tolerance: float = 1e-3, patience: int = 10,

@@ -170,6 +170,7 @@ class _MedxganBase(Explainer):
     """What medxgan and medxgan_ig share: the networks, the inversion and the latent walk."""
 
     version = "1"
+    bundle_section = "medxgan"
 
     def __init__(self, *, generator: MedxganGenerator, encoder: MedxganEncoder | None = None,
                  inversion: str = "encoder", inversion_steps: int = 50, official_steps: int = 5000,

@@ -121,6 +121,7 @@ class SagenExplainer(Explainer):
     """saliency = smoothed |S(x) - A(x)|; counterfactual = A(x) (or the S -> A path)."""
 
     version = "1"
+    bundle_section = "sagen"
 
     def __init__(self, *, generator: SagenGenerator, steps: int = 1, smoothing_sigma: float = 2.0,
                  threshold: float = 0.5):

@@ -179,7 +179,7 @@ def _fingerprint(bundle: Bundle, explainer, cases: Cases, options: dict[str, Any
     settings, the cases and the options. Not the whole bundle.yaml, so training
     another method into the bundle does not invalidate the finished ones."""
     spec = bundle.spec
-    method_spec = spec.explainers.get(explainer.name)
+    method_spec = spec.explainers.get(explainer.bundle_section or explainer.name)
     payload = json.dumps({
         "schema": CACHE_SCHEMA, "classifier": spec.classifier.weights.sha256, "threshold": spec.task.threshold,
         "input": spec.input.model_dump(mode="json"), "method": explainer.name, "version": explainer.version,

@@ -292,7 +292,7 @@ def info_command(bundle: Path = typer.Argument(..., help="bundle folder")) -> No
     """Show what a bundle holds and verify every weights file against its sha256."""
     from rich.table import Table
 
-    from explainers.base import available
+    from explainers.base import available, explainer_class
     from explainers.bundle import Bundle, BundleError
 
     try:
@@ -320,8 +320,9 @@ def info_command(bundle: Path = typer.Argument(..., help="bundle folder")) -> No
     import pipeline.engine  # noqa: F401  (registers every explainer)
 
     # Baselines need nothing but the classifier; generative methods need their trained networks.
-    baselines = ["gradcam", "ig", "occlusion"]
-    ready = baselines + sorted(m for m in s.explainers if m in available())
+    sections = {m: explainer_class(m).bundle_section for m in available()}
+    ready = ([m for m, section in sections.items() if section is None]
+             + [m for m, section in sections.items() if section is not None and section in s.explainers])
     missing = sorted(set(available()) - set(ready))
     console.print("explainers available with this bundle: " + ", ".join(ready))
     if missing:
