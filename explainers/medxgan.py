@@ -31,9 +31,8 @@ image's explanation never depends on the rest of its batch.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +42,7 @@ from torch import nn
 from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register
 from explainers.optimise import SearchBudget, per_image_adam
 from explainers.sagen import smooth_maps
+from explainers.training import frozen
 
 DEFAULT_WIDTHS = (128, 64, 32, 16)  # channels at 4, 8, 16, 32 px; the last layer makes the 64 px image
 ANATOMY_DIM, PATHOLOGY_DIM = 64, 16
@@ -106,19 +106,6 @@ class MedxganEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images at any size, in [0, 1]; area-resampled to the working size."""
         return self.network(to_working(images, self.size) * 2.0 - 1.0)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """The module's parameters need no gradient while the per-image searches backpropagate
-    through it (saves the work and leaves no .grad behind); restored afterwards."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 def to_working(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,14 +32,14 @@ from monai.utils import set_determinism
 from explainers.checkpoints import EpochCheckpoints, TrainingState
 from explainers.cia import CiaExplainer, Inpainter, hole_l1, random_masks
 from explainers.evaluation import proximity_ssim
-from explainers.train_sagen import _as_float, augmentation, augmented_batches, write_log
+from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, write_log
 
 PARTS = ("fill_normal", "fill_pneumonia")  # trained on label 0 (NORMAL) and label 1 (PNEUMONIA)
 _VAL_MASK_SEED = 4242  # fixed validation masks: the same for every epoch
 
 
 @dataclass
-class CiaTrainingConfig:
+class CiaTrainingConfig(SettingsDict):
     epochs: int = 8
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -51,19 +51,6 @@ class CiaTrainingConfig:
     translate: float = 6.0
     seed: int = 0
     device: str = "cpu"
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-
-@dataclass
-class CiaTrainingResult:
-    best_epoch: int
-    validation: dict[str, float]
-    log: list[dict[str, float]] = field(default_factory=list)
-    wall_time_s: float = 0.0
 
 
 def _working(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -80,7 +67,7 @@ def evaluate_inpainter(network: Inpainter, images: torch.Tensor, *, batch_size: 
     hole = whole = 0.0
     generator = torch.Generator().manual_seed(_VAL_MASK_SEED)
     for start in range(0, len(images), batch_size):
-        x = _working(_as_float(images[start:start + batch_size]).to(device), network.size)
+        x = _working(as_float(images[start:start + batch_size]).to(device), network.size)
         masks = random_masks(len(x), x.shape[-1], generator, device=device)
         prediction = network.fill(x, masks)
         hole += float(hole_l1(prediction, x, masks).sum())
@@ -110,7 +97,7 @@ def evaluate_cia(explainer: CiaExplainer, classifier: torch.nn.Module, images: t
     rows: dict[str, list[float]] = {k: [] for k in ("flipped", "positive", "l1", "ssim", "steps", "area",
                                                      "inpainting", "change")}
     for start in range(0, len(images), batch_size):
-        x = _as_float(images[start:start + batch_size]).to(device)
+        x = as_float(images[start:start + batch_size]).to(device)
         e = explainer.explain(x, classifier)
         rows["flipped"] += [float(c["flipped"]) for c in e.checks]
         rows["positive"] += [float(c["fill"] == "normal") for c in e.checks]
@@ -167,7 +154,7 @@ def train_cia(
     log_path: Path | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> CiaTrainingResult:
+) -> TrainingResult:
     """Train both inpainters in place; leaves the best-validation weights in ``networks``.
 
     ``networks``: {"fill_normal": ..., "fill_pneumonia": ...}. Images (N, C, H, W), uint8
@@ -239,7 +226,7 @@ def train_cia(
     for network in networks.values():
         network.eval()
     validation = evaluate_inpainters(networks, val_images, val_labels, device=device)
-    return CiaTrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
+    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
                              wall_time_s=state.elapsed_s)
 
 

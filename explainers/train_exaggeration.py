@@ -19,7 +19,7 @@ on every batch; epochs reseed from (seed, epoch), so resuming is bit-identical.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.exaggeration import ConditionalGenerator, ProjectionCritic, bin_centre, bin_of, sweep_targets
-from explainers.train_sagen import _as_float, augmentation, augmented_batches, write_log
+from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, freeze, write_log
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ExaggerationLossWeights:
 
 
 @dataclass
-class ExaggerationTrainingConfig:
+class ExaggerationTrainingConfig(SettingsDict):
     epochs: int = 8
     batch_size: int = 16
     learning_rate: float = 2e-4
@@ -57,19 +57,6 @@ class ExaggerationTrainingConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-
-@dataclass
-class ExaggerationTrainingResult:
-    best_epoch: int
-    validation: dict[str, float]
-    log: list[dict[str, float]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-
 
 @torch.no_grad()
 def evaluate_exaggeration(generator: ConditionalGenerator, classifier: nn.Module, images: torch.Tensor,
@@ -80,7 +67,7 @@ def evaluate_exaggeration(generator: ConditionalGenerator, classifier: nn.Module
     totals = {"flipped": 0.0, "flipped_pos": 0.0, "n_pos": 0.0, "proximity": 0.0, "reconstruction": 0.0,
               "tracking": 0.0, "prob_change": 0.0}
     for start in range(0, len(images), batch_size):
-        x = _as_float(images[start:start + batch_size]).to(device)
+        x = as_float(images[start:start + batch_size]).to(device)
         b = len(x)
         px = torch.sigmoid(classifier(x).reshape(-1).float())
         requested = sweep_targets(px, threshold, steps)
@@ -123,7 +110,7 @@ def train_exaggeration(
     log_path: Path | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> ExaggerationTrainingResult:
+) -> TrainingResult:
     """Train in place; leaves the best-validation weights in ``generator``.
 
     ``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
@@ -136,8 +123,7 @@ def train_exaggeration(
         bins=bins, in_channels=generator.in_channels)
     generator.to(device)
     discriminator.to(device)
-    classifier_modes = (classifier.training, [p.requires_grad for p in classifier.parameters()])
-    classifier.to(device).eval().requires_grad_(False)
+    restore_classifier = freeze(classifier.to(device))
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
     augment = augmentation(config)
@@ -217,8 +203,6 @@ def train_exaggeration(
         generator.eval()
         validation = evaluate_exaggeration(generator, classifier, val_images, config.threshold, device=device)
     finally:
-        classifier.train(classifier_modes[0])
-        for p, flag in zip(classifier.parameters(), classifier_modes[1]):
-            p.requires_grad_(flag)
-    return ExaggerationTrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
+        restore_classifier()
+    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
                                       wall_time_s=state.elapsed_s)

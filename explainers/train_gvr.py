@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,12 +30,11 @@ from torch import nn
 from explainers.checkpoints import EpochCheckpoints, TrainingState
 from explainers.evaluation import proximity_ssim
 from explainers.gvr import GvrAutoEncoder, GvrExplainer
-from explainers.train_sagen import _as_float, augmented_batches, write_log
-from monai.transforms import RandAffine
+from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, write_log
 
 
 @dataclass
-class GvrTrainingConfig:
+class GvrTrainingConfig(SettingsDict):
     epochs: int = 30
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -47,24 +46,6 @@ class GvrTrainingConfig:
     translate: float = 6.0
     seed: int = 0
     device: str = "cpu"
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-
-@dataclass
-class GvrTrainingResult:
-    best_epoch: int
-    validation: dict[str, float]
-    log: list[dict[str, float]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-
-
-def augmentation(config: GvrTrainingConfig) -> RandAffine:
-    return RandAffine(prob=1.0, rotate_range=config.rotate, scale_range=config.scale,
-                      translate_range=(config.translate, config.translate), padding_mode="border")
 
 
 def gvr_checkpoints(directory: Path, *, autoencoder: GvrAutoEncoder, optimiser: torch.optim.Optimizer,
@@ -84,7 +65,7 @@ def evaluate_reconstruction(autoencoder: GvrAutoEncoder, images: torch.Tensor, *
     autoencoder.eval()
     l1 = l2 = 0.0
     for start in range(0, len(images), batch_size):
-        x = autoencoder.working(_as_float(images[start:start + batch_size]).to(device))
+        x = autoencoder.working(as_float(images[start:start + batch_size]).to(device))
         out = autoencoder(x)
         l1 += float((out - x).abs().flatten(1).mean(1).sum())
         l2 += float((out - x).pow(2).flatten(1).mean(1).sum())
@@ -100,7 +81,7 @@ def evaluate_gvr(explainer: GvrExplainer, classifier: nn.Module, images: torch.T
     n_pos = flipped_pos = 0.0
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        x = _as_float(images[start:start + batch_size]).to(device)
+        x = as_float(images[start:start + batch_size]).to(device)
         e = explainer.explain(x, classifier)
         called = e.probability >= explainer.threshold
         flips = torch.tensor([c["flipped"] for c in e.checks], device=called.device)
@@ -136,7 +117,7 @@ def train_gvr(
     log_path: Path | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> GvrTrainingResult:
+) -> TrainingResult:
     """Train in place; leaves the best-validation weights in ``autoencoder``.
 
     ``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
@@ -190,5 +171,5 @@ def train_gvr(
     autoencoder.eval()
     validation = evaluate_reconstruction(autoencoder, val_images, batch_size=max(config.batch_size, 64),
                                          device=device)
-    return GvrTrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
+    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
                              wall_time_s=state.elapsed_s)

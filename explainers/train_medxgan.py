@@ -31,7 +31,7 @@ so a resumed run is bit-identical to an uninterrupted one on the same device.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +45,7 @@ from explainers.evaluation import proximity_ssim
 from explainers.medxgan import MedxganEncoder, MedxganExplainer, MedxganGenerator, threshold_logit, to_input, \
     to_working
 from explainers.sagen import PatchCritic
-from explainers.train_sagen import _as_float, augmentation, augmented_batches, write_log
+from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, freeze, write_log
 
 
 @dataclass
@@ -59,7 +59,7 @@ class MedxganLossWeights:
 
 
 @dataclass
-class MedxganTrainingConfig:
+class MedxganTrainingConfig(SettingsDict):
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-4  # generator and encoder
@@ -75,19 +75,6 @@ class MedxganTrainingConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-
-@dataclass
-class MedxganTrainingResult:
-    best_epoch: int
-    validation: dict[str, float]
-    log: list[dict[str, float]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-
 
 def evaluate_medxgan(explainer: MedxganExplainer, classifier: nn.Module, images: torch.Tensor, *,
                      batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
@@ -96,7 +83,7 @@ def evaluate_medxgan(explainer: MedxganExplainer, classifier: nn.Module, images:
             "steps": 0.0}
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        x = _as_float(images[start:start + batch_size]).to(device)
+        x = as_float(images[start:start + batch_size]).to(device)
         e = explainer.explain(x, classifier)
         called = e.probability >= explainer.threshold
         flips = torch.tensor([c["flipped"] for c in e.checks], device=called.device)
@@ -136,7 +123,7 @@ def train_medxgan(
     log_path: Path | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> MedxganTrainingResult:
+) -> TrainingResult:
     """Train in place; leaves the best-validation weights in ``generator`` and ``encoder``.
 
     ``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
@@ -148,8 +135,7 @@ def train_medxgan(
     discriminator = discriminator if discriminator is not None else PatchCritic(in_channels=generator.in_channels)
     for part in (generator, encoder, discriminator):
         part.to(device)
-    classifier_modes = (classifier.training, [p.requires_grad for p in classifier.parameters()])
-    classifier.to(device).eval().requires_grad_(False)
+    restore_classifier = freeze(classifier.to(device))
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
     opt_e = torch.optim.Adam(encoder.parameters(), lr=config.learning_rate, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
@@ -263,8 +249,6 @@ def train_medxgan(
         generator.eval()
         encoder.eval()
     finally:
-        classifier.train(classifier_modes[0])
-        for p, flag in zip(classifier.parameters(), classifier_modes[1]):
-            p.requires_grad_(flag)
-    return MedxganTrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
+        restore_classifier()
+    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
                                  wall_time_s=state.elapsed_s)

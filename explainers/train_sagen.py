@@ -20,21 +20,20 @@ the same device.
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import RandAffine
 from monai.utils import set_determinism
 from torch import nn
 
 from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.sagen import PatchCritic, SagenGenerator
+from explainers.training import SettingsDict, as_float, augmentation, augmented_batches, freeze, write_log
 
 
 @dataclass
@@ -46,7 +45,7 @@ class SagenLossWeights:
 
 
 @dataclass
-class SagenTrainingConfig:
+class SagenTrainingConfig(SettingsDict):
     epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 2e-4  # generator
@@ -69,11 +68,6 @@ class SagenTrainingConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
 
 @dataclass
 class SagenTrainingResult:
@@ -82,33 +76,6 @@ class SagenTrainingResult:
     called_positive_fraction: float
     log: list[dict[str, float]] = field(default_factory=list)
     wall_time_s: float = 0.0
-
-
-def augmentation(config: SagenTrainingConfig) -> RandAffine:
-    return RandAffine(prob=1.0, rotate_range=config.rotate, scale_range=config.scale,
-                      translate_range=(config.translate, config.translate), padding_mode="border")
-
-
-def _as_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-
-
-def _plain(image: torch.Tensor) -> torch.Tensor:
-    # MONAI transforms return MetaTensors; the loop only needs the pixels.
-    return image.as_tensor() if hasattr(image, "as_tensor") else image
-
-
-def augmented_batches(images: torch.Tensor, *, epoch: int, seed: int, batch_size: int, augment: RandAffine,
-                      device: str) -> Iterator[torch.Tensor]:
-    """One epoch of augmented batches in [0, 1]. Everything random derives from
-    (seed, epoch), so a resumed run is bit-identical to an uninterrupted one."""
-    epoch_seed = (seed * 100_003 + epoch) % (2**31)
-    torch.manual_seed(epoch_seed)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch_seed))
-    augment.set_random_state(seed=epoch_seed)
-    for start in range(0, len(images), batch_size):
-        index = order[start:start + batch_size]
-        yield torch.stack([_plain(augment(_as_float(images[i]))) for i in index]).clamp(0, 1).to(device)
 
 
 def _threshold_logit(threshold: float) -> float:
@@ -124,7 +91,7 @@ def evaluate_sagen(generator: SagenGenerator, classifier: nn.Module, images: tor
     flipped = kept = proximity = similar_l1 = prob_change = 0.0
     n_pos = flipped_pos = 0.0
     for start in range(0, len(images), batch_size):
-        x = _as_float(images[start:start + batch_size]).to(device)
+        x = as_float(images[start:start + batch_size]).to(device)
         similar, adversarial = generator(x)
         p = torch.sigmoid(classifier(torch.cat([x, similar, adversarial])).reshape(-1).float())
         px, ps, pa = p.chunk(3)
@@ -153,7 +120,7 @@ def called_positive_fraction(classifier: nn.Module, images: torch.Tensor, thresh
     """Fraction of images the classifier calls positive (at the decision threshold)."""
     positive = 0.0
     for start in range(0, len(images), batch_size):
-        x = _as_float(images[start:start + batch_size]).to(device)
+        x = as_float(images[start:start + batch_size]).to(device)
         positive += float((torch.sigmoid(classifier(x).reshape(-1).float()) >= threshold).sum())
     return positive / max(len(images), 1)
 
@@ -188,8 +155,7 @@ def train_sagen(
     discriminator = discriminator if discriminator is not None else PatchCritic(in_channels=generator.in_channels)
     generator.to(device)
     discriminator.to(device)
-    classifier_modes = (classifier.training, [p.requires_grad for p in classifier.parameters()])
-    classifier.to(device).eval().requires_grad_(False)
+    restore_classifier = freeze(classifier.to(device))
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
     augment = augmentation(config)
@@ -281,20 +247,8 @@ def train_sagen(
         validation = evaluate_sagen(generator, classifier, val_images, config.threshold,
                                     batch_size=max(config.batch_size, 64), device=device)
     finally:
-        classifier.train(classifier_modes[0])
-        for p, flag in zip(classifier.parameters(), classifier_modes[1]):
-            p.requires_grad_(flag)
+        restore_classifier()
     return SagenTrainingResult(best_epoch=state.best_epoch, validation=validation,
                                called_positive_fraction=positive_fraction, log=state.log,
                                wall_time_s=state.elapsed_s)
 
-
-def write_log(rows: list[dict[str, float]], path: Path) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: int(v) if k == "epoch" else ("" if math.isnan(v) else round(v, 6))
-                             for k, v in row.items()})

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec
-from pipeline.datasets import Split
+from pipeline.datasets import Split, load_splits
 
 
 def seeded_subset(split: Split, limit: int | None, seed: int) -> Split:
@@ -18,6 +19,18 @@ def seeded_subset(split: Split, limit: int | None, seed: int) -> Split:
     index = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:limit]
     index = index.sort().values
     return Split(split.images[index], split.labels[index], [split.paths[i] for i in index.tolist()])
+
+
+def training_splits(bundle: Bundle, data: Path, *, max_images: int | None, seed: int) -> dict[str, Split]:
+    """train/val/test at the bundle's input size, split by patient exactly as the
+    classifier was (its training seed), so "validation" means the same images;
+    ``max_images`` keeps a seeded random subset of each (smoke runs)."""
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {max_images}")
+    spec = bundle.spec
+    splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect),
+                         seed=int(spec.training.get("seed", 0)))
+    return {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
 
 
 def rounded_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec, save_weights
 from explainers.cia import DEFAULT_FEATURES, CiaExplainer, Inpainter
 from explainers.train_cia import PARTS, CiaTrainingConfig, evaluate_cia, steps_per_epoch, train_cia
-from pipeline.datasets import load_splits
-from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset
+from pipeline.explainer_training import add_explainer, rounded_metrics, training_splits
 
 LOG_FILE = "cia_training_log.csv"
 DEFAULT_SIZE = 64  # inpainter working side; the fill is upsampled to the bundle's input size
@@ -62,12 +60,7 @@ def train_cia_bundle(
     side = max(spec.input.size)
     if size is not None and size >= side:
         size = None if side % 16 == 0 else size  # work at the input size itself
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {max_images}")
-    # The same patient split as the classifier's (its training seed), so validation means the same.
-    split_seed = int(spec.training.get("seed", 0))
-    splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect), seed=split_seed)
-    splits = {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
+    splits = training_splits(target, data, max_images=max_images, seed=seed)
     classifier = target.load_classifier(device=device)
 
     torch.manual_seed(seed)

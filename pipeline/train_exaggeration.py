@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec, save_weights
 from explainers.exaggeration import DEFAULT_BINS, DEFAULT_WIDTHS, ConditionalGenerator, ProjectionCritic
 from explainers.train_exaggeration import (
@@ -20,8 +19,7 @@ from explainers.train_exaggeration import (
     evaluate_exaggeration,
     train_exaggeration,
 )
-from pipeline.datasets import load_splits
-from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset
+from pipeline.explainer_training import add_explainer, rounded_metrics, training_splits
 
 WEIGHTS_FILE = "exaggeration_generator.safetensors"
 LOG_FILE = "exaggeration_training_log.csv"
@@ -40,12 +38,7 @@ def train_exaggeration_bundle(
     side = max(spec.input.size)
     if size is not None and size >= side:
         size = None  # work at the input size itself
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {max_images}")
-    # The same patient split as the classifier's (its training seed), so validation means the same.
-    split_seed = int(spec.training.get("seed", 0))
-    splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect), seed=split_seed)
-    splits = {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
+    splits = training_splits(target, data, max_images=max_images, seed=seed)
     classifier = target.load_classifier(device=device)
 
     torch.manual_seed(seed)

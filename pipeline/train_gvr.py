@@ -13,12 +13,10 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec, save_weights
 from explainers.gvr import DEFAULT_LATENT_CHANNELS, DEFAULT_WIDTHS, GvrAutoEncoder, GvrExplainer
 from explainers.train_gvr import GvrTrainingConfig, evaluate_gvr, train_gvr
-from pipeline.datasets import load_splits
-from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset
+from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset, training_splits
 
 WEIGHTS_FILE = "gvr_autoencoder.safetensors"
 LOG_FILE = "gvr_training_log.csv"
@@ -44,13 +42,8 @@ def train_gvr_bundle(
     side = max(spec.input.size)
     if size is not None and size >= side:
         size = None  # work at the input size itself
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {max_images}")
     parameters = {**DEFAULT_PARAMETERS, **(explainer or {})}
-    # The same patient split as the classifier's (its training seed), so validation means the same.
-    split_seed = int(spec.training.get("seed", 0))
-    splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect), seed=split_seed)
-    splits = {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
+    splits = training_splits(target, data, max_images=max_images, seed=seed)
 
     torch.manual_seed(seed)
     autoencoder = GvrAutoEncoder(widths=widths, latent_channels=latent_channels, size=size,

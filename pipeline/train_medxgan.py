@@ -12,14 +12,12 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec, save_weights
 from explainers.medxgan import ANATOMY_DIM, DEFAULT_WIDTHS, PATHOLOGY_DIM, MedxganEncoder, MedxganExplainer, \
     MedxganGenerator
 from explainers.sagen import PatchCritic
 from explainers.train_medxgan import MedxganTrainingConfig, evaluate_medxgan, train_medxgan
-from pipeline.datasets import load_splits
-from pipeline.explainer_training import add_explainer, rounded_metrics, seeded_subset
+from pipeline.explainer_training import add_explainer, rounded_metrics, training_splits
 
 GENERATOR_FILE = "medxgan_generator.safetensors"
 ENCODER_FILE = "medxgan_encoder.safetensors"
@@ -39,12 +37,7 @@ def train_medxgan_bundle(
     started = time.perf_counter()
     target = Bundle.load(bundle)
     spec = target.spec
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {max_images}")
-    # The same patient split as the classifier's (its training seed), so validation means the same.
-    split_seed = int(spec.training.get("seed", 0))
-    splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect), seed=split_seed)
-    splits = {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
+    splits = training_splits(target, data, max_images=max_images, seed=seed)
     classifier = target.load_classifier(device=device)
 
     torch.manual_seed(seed)
