@@ -21,6 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
+from explainers.base import explainer_class  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
 from dicom_io.convert import cr_from_pixels  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
@@ -28,7 +29,11 @@ from pipeline.runner import explain_paths  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "docs" / "img"
-GENERATIVE = ("sagen", "exaggeration")  # rendered when the bundle has their weights
+# Figures of the generative methods (rendered when the bundle has their weights): file -> methods.
+GENERATIVE = {"generative_kermany_pneumonia.png": ("sagen", "exaggeration"),
+              "generative2_kermany_pneumonia.png": ("medxgan", "medxgan_ig", "gvr", "cia")}
+# medxgan_ig's counterfactual is medxgan's walk: its overlay is the only new picture.
+OVERLAY_ONLY = {"medxgan_ig"}
 
 
 def save_png(array: np.ndarray, path: Path, width: int = 900) -> None:
@@ -74,13 +79,15 @@ def main() -> int:
             height = min(t.shape[0] for t in tiles)
             save_png(np.concatenate([t[:height] for t in tiles], axis=1), OUT / name, width=1500)
 
-        generative = [m for m in GENERATIVE if m in Bundle.load(args.bundle).spec.explainers]
-        if generative:
-            render_generative(args.bundle, generative, wrapped, Path(tmp) / "generative")
+        trained = Bundle.load(args.bundle).spec.explainers
+        for figure, methods in GENERATIVE.items():
+            ready = [m for m in methods if explainer_class(m).bundle_section in trained]
+            if ready:
+                render_generative(args.bundle, ready, wrapped, Path(tmp) / figure, figure)
     return 0
 
 
-def render_generative(bundle: Path, methods: list[str], source: Path, out: Path) -> None:
+def render_generative(bundle: Path, methods: list[str], source: Path, out: Path, figure: str) -> None:
     """Overlay + counterfactual SCs of each generative method, and the exaggeration path."""
     engine = Engine(load_config(overrides={"bundle": bundle, "device": "cpu", "explainers": methods}))
     (outcome,) = explain_paths(engine, [source], out)
@@ -93,6 +100,8 @@ def render_generative(bundle: Path, methods: list[str], source: Path, out: Path)
     tiles = []
     for method in methods:
         tiles.append(by_series[f"MEDXPLAIN OVERLAY {method}"][0].pixel_array)
+        if method in OVERLAY_ONLY:
+            continue
         path = sorted(by_series[f"MEDXPLAIN COUNTERFACTUAL {method}"], key=lambda d: int(d.InstanceNumber))
         tiles.append(np.repeat(to_display(path[-1])[..., None], 3, axis=2))
         if method == "exaggeration":
@@ -102,7 +111,7 @@ def render_generative(bundle: Path, methods: list[str], source: Path, out: Path)
     height = min(t.shape[0] for t in tiles)
     resized = [np.asarray(Image.fromarray(t).resize((round(t.shape[1] * height / t.shape[0]), height)))
                for t in tiles]
-    save_png(np.concatenate(resized, axis=1), OUT / "generative_kermany_pneumonia.png", width=1800)
+    save_png(np.concatenate(resized, axis=1), OUT / figure, width=1800)
 
 
 if __name__ == "__main__":
