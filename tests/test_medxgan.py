@@ -294,8 +294,10 @@ def test_shipped_weights_flip_the_decision_and_ig_is_complete(kermany_dir, demo_
     e = MedxganIGExplainer.from_bundle(bundle).explain(images, demo_classifier)
     flipped = sum(c["flipped"] for c in e.checks) / len(e.checks)
     assert flipped >= FLIP_BAR, f"flip rate {flipped:.3f} on a seeded sample of 32 shared test images"
-    relative = sorted(c["completeness_relative"] for c in e.checks)
-    assert relative[len(relative) // 2] < 0.1, relative  # median within 10% on the real classifier
+    # Completeness on the real classifier at 32 trapezoid steps: measured median 0.3%,
+    # largest 1.3% of the score gap (median gap 11.8 logits) on this sample.
+    relative = [c["completeness_relative"] for c in e.checks]
+    assert max(relative) < 0.05, relative
     # The fast route starts much closer than the official zero start (same generator, no steps).
     explainer = MedxganExplainer.from_bundle(bundle)
     with torch.no_grad():
