@@ -87,13 +87,13 @@ def main() -> int:
             steps=int(budget_name), learning_rate=lr, tolerance=0.0, patience=int(budget_name) + 1)
         error, steps, seconds, _ = timed_inversion(explainer, classifier, images, encoder=explainer.encoder,
                                                    budget=budget, device=device)
-        target, mean_steps = float(error.mean()), max(float(steps.float().mean()), 1.0)
+        target, mean_steps = float(error.mean()), float(steps.float().mean())
         reached = (curve <= target).nonzero()
         if len(reached):
             needed = int(reached[0])
-            tail = f"{needed} | {needed / mean_steps:.1f} | {needed * per_step_s / seconds:.1f} |"
+            tail = f"{needed} | {needed / max(mean_steps, 1.0):.1f} | {needed * per_step_s / seconds:.1f} |"
         else:
-            tail = f"> {args.official_steps} (best {float(curve.min()):.4f}) | > {args.official_steps / mean_steps:.0f} " \
+            tail = f"> {args.official_steps} (best {float(curve.min()):.4f}) | > {args.official_steps / max(mean_steps, 1.0):.0f} " \
                    f"| > {slow_s / seconds:.0f} |"
         label = f"encoder + refinement ({'shipped: ' + str(explainer.budget.steps) + ' max, early stop' if budget_name == 'shipped' else budget_name + ' steps'})"
         print(f"| {label} | {mean_steps:.1f} | {seconds:.1f} | {1000 * seconds / len(images):.0f} | {target:.4f} | {tail}")
