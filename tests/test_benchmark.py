@@ -117,6 +117,7 @@ class _FadeExplainer:
     steps; saliency = the change. Exercises the counterfactual columns of the report."""
 
     name, version, parameters = "fade", "1", {"steps": 3}
+    bundle_section = None  # needs no trained networks of its own
 
     @classmethod
     def from_bundle(cls, bundle):
