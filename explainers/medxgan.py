@@ -158,12 +158,15 @@ class _MedxganBase(Explainer):
 
     version = "1"
     bundle_section = "medxgan"
+    # Settings read from bundle.yaml (explainers.medxgan.parameters) as defaults.
+    bundle_keys: tuple[str, ...] = ("inversion", "inversion_steps", "official_steps", "learning_rate", "tolerance",
+                                    "patience", "probability_weight", "negative_scale", "steps", "smoothing_sigma")
 
     def __init__(self, *, generator: MedxganGenerator, encoder: MedxganEncoder | None = None,
                  inversion: str = "encoder", inversion_steps: int = 50, official_steps: int = 5000,
                  learning_rate: float = 0.02, tolerance: float = 1e-3, patience: int = 10,
                  probability_weight: float = 0.1, negative_scale: float = 1.0, steps: int = 8,
-                 smoothing_sigma: float = 2.0, threshold: float = 0.5, **extra: Any):
+                 smoothing_sigma: float = 2.0, threshold: float = 0.5):
         if inversion not in ("encoder", "optimise"):
             raise ValueError(f"medxgan inversion must be 'encoder' or 'optimise', got {inversion!r}")
         if inversion == "encoder" and encoder is None:
@@ -174,7 +177,7 @@ class _MedxganBase(Explainer):
                          official_steps=int(official_steps), learning_rate=float(learning_rate),
                          tolerance=float(tolerance), patience=int(patience),
                          probability_weight=float(probability_weight), negative_scale=float(negative_scale),
-                         steps=int(steps), smoothing_sigma=float(smoothing_sigma), **extra)
+                         steps=int(steps), smoothing_sigma=float(smoothing_sigma))
         self.generator = generator.eval().requires_grad_(False)
         self.encoder = encoder.eval().requires_grad_(False) if encoder is not None else None
         self.inversion = inversion
@@ -194,9 +197,7 @@ class _MedxganBase(Explainer):
         encoder = None
         if "encoder" in spec.weights:
             encoder = bundle.load_network("medxgan", "encoder", MedxganEncoder, settings="encoder_network")
-        keys = ("inversion", "inversion_steps", "official_steps", "learning_rate", "tolerance", "patience",
-                "probability_weight", "negative_scale", "steps", "smoothing_sigma")
-        defaults = {k: spec.parameters[k] for k in keys if k in spec.parameters}
+        defaults = {k: spec.parameters[k] for k in cls.bundle_keys if k in spec.parameters}
         return cls(generator=generator, encoder=encoder, threshold=bundle.spec.task.threshold,
                    **{**defaults, **parameters})
 
@@ -285,11 +286,14 @@ class MedxganIGExplainer(_MedxganBase):
     saliency = its positive part (evidence for the called class), smoothed.
     """
 
+    bundle_keys = _MedxganBase.bundle_keys + ("ig_steps",)
+
     def __init__(self, *, ig_steps: int = 32, **kwargs: Any):
         if int(ig_steps) < 2:
             raise ValueError(f"medxgan_ig ig_steps must be >= 2, got {ig_steps}")
-        super().__init__(ig_steps=int(ig_steps), **kwargs)
+        super().__init__(**kwargs)
         self.ig_steps = int(ig_steps)
+        self.parameters["ig_steps"] = self.ig_steps  # part of the settings key of its outputs
 
     def attribute(self, images: torch.Tensor, classifier: nn.Module, z: torch.Tensor, z_end: torch.Tensor,
                   sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
