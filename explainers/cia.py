@@ -56,6 +56,7 @@ from torch import nn
 
 from explainers.base import Explainer, Explanation, normalise_maps, register
 from explainers.optimise import SearchBudget, per_image_adam
+from explainers.training import frozen
 
 # Default widths: (level 0..4, decoder output). 1.8 M parameters per inpainter.
 DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
@@ -242,7 +243,8 @@ class CiaExplainer(Explainer):
 
         start = math.log(self.initial_mask / (1.0 - self.initial_mask))
         initial = torch.full((batch, 1, self.mask_size, self.mask_size), start, device=device)
-        with torch.enable_grad():
+        # Gradients for the mask only: the classifier's parameters get none (frozen).
+        with torch.enable_grad(), frozen(classifier):
             result = per_image_adam(initial, loss_fn, self.budget)
 
         with torch.no_grad():
