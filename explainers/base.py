@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -126,6 +127,13 @@ class TargetLogit(nn.Module):
             # Captum expands the batch (steps x cases, case-major within each step).
             sign = sign.repeat(logits.shape[0] // sign.shape[0], 1)
         return logits * sign
+
+
+def threshold_logit(threshold: float) -> float:
+    """The decision threshold on P(positive) as a logit: a classifier's logit minus this
+    is >= 0 exactly for the cases it calls positive."""
+    t = min(max(threshold, 1e-6), 1 - 1e-6)
+    return math.log(t / (1 - t))
 
 
 def decision_signs(probability: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from explainers.base import Explainer, Explanation, normalise_maps, register
+from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
 from explainers.optimise import SearchBudget, per_image_adam
 from explainers.training import frozen
 
@@ -153,11 +153,6 @@ def total_variation(maps: torch.Tensor) -> torch.Tensor:
     """(B,) mean absolute difference between neighbouring pixels of (B, 1, h, w) maps."""
     return ((maps[..., 1:, :] - maps[..., :-1, :]).abs().flatten(1).mean(1)
             + (maps[..., :, 1:] - maps[..., :, :-1]).abs().flatten(1).mean(1))
-
-
-def threshold_logit(threshold: float) -> float:
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    return math.log(t / (1 - t))
 
 
 @register("cia")

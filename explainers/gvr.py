@@ -36,7 +36,6 @@ not depend on the rest of its batch.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
-from explainers.base import Explainer, Explanation, normalise_maps, register
+from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
 from explainers.optimise import SearchBudget, per_image_adam
 from explainers.sagen import smooth_maps
 
@@ -124,11 +123,6 @@ class GvrAutoEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The reconstruction D(E(x)) at the working size."""
         return self.decode(self.encode(images))
-
-
-def threshold_logit(threshold: float) -> float:
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    return math.log(t / (1 - t))
 
 
 @register("gvr")

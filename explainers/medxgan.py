@@ -39,18 +39,13 @@ import torch.nn.functional as F
 from monai.networks.nets import Generator, Regressor
 from torch import nn
 
-from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register
+from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register, threshold_logit
 from explainers.optimise import SearchBudget, per_image_adam
 from explainers.sagen import smooth_maps
 from explainers.training import frozen
 
 DEFAULT_WIDTHS = (128, 64, 32, 16)  # channels at 4, 8, 16, 32 px; the last layer makes the 64 px image
 ANATOMY_DIM, PATHOLOGY_DIM = 64, 16
-
-
-def threshold_logit(threshold: float) -> float:
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    return math.log(t / (1 - t))
 
 
 class MedxganGenerator(nn.Module):

@@ -42,8 +42,8 @@ from torch import nn
 
 from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.evaluation import proximity_ssim
-from explainers.medxgan import MedxganEncoder, MedxganExplainer, MedxganGenerator, threshold_logit, to_input, \
-    to_working
+from explainers.base import threshold_logit
+from explainers.medxgan import MedxganEncoder, MedxganExplainer, MedxganGenerator, to_input, to_working
 from explainers.sagen import PatchCritic
 from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, freeze, write_log
 

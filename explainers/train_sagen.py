@@ -20,7 +20,6 @@ the same device.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from monai.utils import set_determinism
 from torch import nn
 
+from explainers.base import threshold_logit
 from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.sagen import PatchCritic, SagenGenerator
 from explainers.training import SettingsDict, as_float, augmentation, augmented_batches, freeze, write_log
@@ -76,11 +76,6 @@ class SagenTrainingResult:
     called_positive_fraction: float
     log: list[dict[str, float]] = field(default_factory=list)
     wall_time_s: float = 0.0
-
-
-def _threshold_logit(threshold: float) -> float:
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    return math.log(t / (1 - t))
 
 
 @torch.no_grad()
@@ -160,7 +155,7 @@ def train_sagen(
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
     augment = augmentation(config)
     w = config.weights
-    offset = _threshold_logit(config.threshold)
+    offset = threshold_logit(config.threshold)
     critic_size = generator.size
     positive_fraction = called_positive_fraction(classifier, train_images, config.threshold, device=device)
     if config.balance_classes:
