@@ -639,12 +639,19 @@ def install_signal_handlers(stop_event: threading.Event) -> None:
     results are delivered, the job is released); a second interrupts at once (the
     job is released as well). Call from the main thread."""
 
+    received: list[int] = []
+
     def handler(signum: int, frame: Any) -> None:
-        if stop_event.is_set():
+        if received:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        received.append(signum)
         logger.info("%s received: finishing the current batch, then stopping "
                     "(signal again to stop at once)", signal.Signals(signum).name)
-        stop_event.set()
+        # Not stop_event.set() here: the handler runs in the main thread, which may be
+        # inside stop_event.wait() holding the event's non-reentrant lock at this very
+        # moment; set() would then wait for that lock forever (a CI run hung on it).
+        # Another thread takes the lock once the main thread lets go of it.
+        threading.Thread(target=stop_event.set, name="medxplain-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
