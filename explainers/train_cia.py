@@ -32,7 +32,7 @@ from monai.utils import set_determinism
 from explainers.checkpoints import EpochCheckpoints, TrainingState
 from explainers.cia import CiaExplainer, Inpainter, hole_l1, random_masks
 from explainers.evaluation import proximity_ssim
-from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, write_log
+from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, finish_epoch
 
 PARTS = ("fill_normal", "fill_pneumonia")  # trained on label 0 (NORMAL) and label 1 (PNEUMONIA)
 _VAL_MASK_SEED = 4242  # fixed validation masks: the same for every epoch
@@ -215,12 +215,8 @@ def train_cia(
             sums[f"{part}_hole_l1"] = hole_sum / max(seen, 1)
             sums[f"{part}_image_l1"] = whole_sum / max(seen, 1)
         val = evaluate_inpainters(networks, val_images, val_labels, device=device)
-        state.log.append({"epoch": float(epoch), **sums, **{f"val_{k}": v for k, v in val.items()},
-                          "seconds": elapsed_before + time.perf_counter() - started})
-        checkpoints.end_epoch(epoch, _selection_key(val), state)
-        write_log(state.log, log_path)
-        if on_epoch:
-            on_epoch(state.log[-1])
+        finish_epoch(checkpoints, state, epoch=epoch, losses=sums, validation=val, key=_selection_key(val),
+                     seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
 
     checkpoints.load_best()
     for network in networks.values():

@@ -30,7 +30,15 @@ from torch import nn
 
 from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.exaggeration import ConditionalGenerator, ProjectionCritic, bin_centre, bin_of, sweep_targets
-from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, freeze, write_log
+from explainers.training import (
+    SettingsDict,
+    TrainingResult,
+    as_float,
+    augmentation,
+    augmented_batches,
+    finish_epoch,
+    freeze,
+)
 
 
 @dataclass
@@ -191,13 +199,9 @@ def train_exaggeration(
                     on_step(epoch, step + 1, {k: v / seen for k, v in sums.items()})
 
             val = evaluate_exaggeration(generator, classifier, val_images, config.threshold, device=device)
-            state.log.append({"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in sums.items()},
-                              **{f"val_{k}": v for k, v in val.items() if k != "n"},
-                              "seconds": elapsed_before + time.perf_counter() - started})
-            checkpoints.end_epoch(epoch, _selection_key(val), state)
-            write_log(state.log, log_path)
-            if on_epoch:
-                on_epoch(state.log[-1])
+            losses = {k: v / max(seen, 1) for k, v in sums.items()}
+            finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=_selection_key(val),
+                         seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
 
         checkpoints.load_best()
         generator.eval()

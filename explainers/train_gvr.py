@@ -30,7 +30,7 @@ from torch import nn
 from explainers.checkpoints import EpochCheckpoints, TrainingState
 from explainers.evaluation import proximity_ssim
 from explainers.gvr import GvrAutoEncoder, GvrExplainer
-from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, write_log
+from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, finish_epoch
 
 
 @dataclass
@@ -159,13 +159,9 @@ def train_gvr(
                 on_step(epoch, step + 1, {k: v / seen for k, v in sums.items()})
 
         val = evaluate_reconstruction(autoencoder, val_images, batch_size=max(config.batch_size, 64), device=device)
-        state.log.append({"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in sums.items()},
-                          **{f"val_{k}": v for k, v in val.items()},
-                          "seconds": elapsed_before + time.perf_counter() - started})
-        checkpoints.end_epoch(epoch, (-val["reconstruction_l1"],), state)
-        write_log(state.log, log_path)
-        if on_epoch:
-            on_epoch(state.log[-1])
+        losses = {k: v / max(seen, 1) for k, v in sums.items()}
+        finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=(-val["reconstruction_l1"],),
+                     seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
 
     checkpoints.load_best()
     autoencoder.eval()

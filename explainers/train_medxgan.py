@@ -45,7 +45,15 @@ from explainers.evaluation import proximity_ssim
 from explainers.base import threshold_logit
 from explainers.medxgan import MedxganEncoder, MedxganExplainer, MedxganGenerator, to_input, to_working
 from explainers.sagen import PatchCritic
-from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, freeze, write_log
+from explainers.training import (
+    SettingsDict,
+    TrainingResult,
+    as_float,
+    augmentation,
+    augmented_batches,
+    finish_epoch,
+    freeze,
+)
 
 
 @dataclass
@@ -236,13 +244,9 @@ def train_medxgan(
                     on_step(epoch, step + 1, {k: v / seen for k, v in sums.items()})
 
             val = validate()
-            state.log.append({"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in sums.items()},
-                              **{f"val_{k}": v for k, v in val.items() if k != "n"},
-                              "seconds": elapsed_before + time.perf_counter() - started})
-            checkpoints.end_epoch(epoch, _selection_key(val), state)
-            write_log(state.log, log_path)
-            if on_epoch:
-                on_epoch(state.log[-1])
+            losses = {k: v / max(seen, 1) for k, v in sums.items()}
+            finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=_selection_key(val),
+                         seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
 
         checkpoints.load_best()
         validation = validate()

@@ -33,7 +33,7 @@ from torch import nn
 from explainers.base import threshold_logit
 from explainers.checkpoints import TrainingState, gan_checkpoints
 from explainers.sagen import PatchCritic, SagenGenerator
-from explainers.training import SettingsDict, as_float, augmentation, augmented_batches, freeze, write_log
+from explainers.training import SettingsDict, as_float, augmentation, augmented_batches, finish_epoch, freeze
 
 
 @dataclass
@@ -229,13 +229,9 @@ def train_sagen(
 
             val = evaluate_sagen(generator, classifier, val_images, config.threshold,
                                  batch_size=max(config.batch_size, 64), device=device)
-            state.log.append({"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in sums.items()},
-                              **{f"val_{k}": v for k, v in val.items() if k != "n"},
-                              "seconds": elapsed_before + time.perf_counter() - started})
-            checkpoints.end_epoch(epoch, _selection_key(val), state)
-            write_log(state.log, log_path)
-            if on_epoch:
-                on_epoch(state.log[-1])
+            losses = {k: v / max(seen, 1) for k, v in sums.items()}
+            finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=_selection_key(val),
+                         seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
 
         checkpoints.load_best()
         generator.eval()

@@ -93,3 +93,17 @@ def write_log(rows: list[dict[str, float]], path: Path) -> None:
         for row in rows:
             writer.writerow({k: int(v) if k == "epoch" else ("" if math.isnan(v) else round(v, 6))
                              for k, v in row.items()})
+
+
+def finish_epoch(checkpoints: Any, state: Any, *, epoch: int, losses: dict[str, float],
+                 validation: dict[str, float], seconds: float, key: tuple[float, ...], log_path: Path,
+                 on_epoch: Callable[[dict[str, float]], None] | None) -> None:
+    """Record one finished epoch: its log row (mean training losses, validation metrics
+    as ``val_*``, cumulative seconds), the checkpoints (``key`` picks the best epoch),
+    the CSV log and the caller's callback."""
+    state.log.append({"epoch": float(epoch), **losses, **{f"val_{k}": v for k, v in validation.items() if k != "n"},
+                      "seconds": seconds})
+    checkpoints.end_epoch(epoch, key, state)
+    write_log(state.log, log_path)
+    if on_epoch:
+        on_epoch(state.log[-1])
