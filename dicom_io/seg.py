@@ -76,7 +76,10 @@ from dicom_io.output import (
 from dicom_io.source import SourceImage
 from dicom_io.uids import derived_uid, instance_uid, series_uid
 
-__all__ = ["saliency_seg", "seg_geometry", "SegGeometry", "SEG_KIND", "SEGMENT_LABEL", "SALIENCY_CATEGORY", "saliency_property_type"]
+__all__ = [
+    "saliency_seg", "seg_geometry", "SegGeometry", "SEG_KIND", "SEGMENT_LABEL", "SALIENCY_CATEGORY",
+    "saliency_property_type",
+]
 
 SEG_KIND = "seg"
 SEGMENT_LABEL = "most salient region"
