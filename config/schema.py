@@ -84,6 +84,19 @@ class DicomNodeConfig(_Strict):
     spool: Path = Field(Path("data/spool"), description="received instances, kept until their job is done")
 
 
+class TrustConfig(_Strict):
+    out_of_domain: Literal["skip", "warn"] = Field(
+        "skip", description="an image the bundle's domain guard scores out of domain: 'skip' it with the reason "
+                            "out_of_domain (PACS default), or 'warn': explain it with an 'out of domain' warning "
+                            "on the overlay and in the SR")
+    low_confidence_margin: float = Field(
+        0.05, ge=0, lt=1, description="|P - threshold| below this is called 'low confidence (near threshold)' "
+                                      "on the overlay and in the SR")
+    explainer_classifier_override: bool = Field(
+        False, description="RESEARCH ONLY: load explainer networks trained against another classifier than the "
+                           "bundle's (normally refused); recorded in the SR and on the overlay")
+
+
 class MedxplainConfig(_Strict):
     bundle: Path = Field(Path("bundles/demo-pneumonia"),
                          description="model bundle folder (relative paths are from the project root)")
@@ -96,6 +109,7 @@ class MedxplainConfig(_Strict):
         "float32", description="autocast dtype on CUDA for classifier/explainers (CPU always float32)")
     batch_size: int = Field(8, ge=1, le=512, description="images per explainer batch")
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     trusted_torchscript: list[str] = Field(
         default_factory=list, description="sha256 of TorchScript classifier files allowed to load")
     max_pixels: int = Field(60_000_000, ge=1, description="reject images with more pixels than this")

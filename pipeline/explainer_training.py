@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from dicom_io.preprocess import InputSpec
-from explainers.bundle import Bundle, ExplainerSpec
+from explainers.bundle import Bundle, BundleError, ExplainerSpec
 from pipeline.datasets import Split, load_splits
 
 
@@ -46,6 +46,10 @@ def add_explainer(root: Path, name: str, spec: ExplainerSpec) -> Bundle:
     # Not verified here: a re-trained explainer's new weights no longer match its old
     # pin; everything is verified on the load below, once the new pin is written.
     bundle = Bundle.load(root, verify=False)
+    if spec.classifier_sha256 != bundle.spec.classifier.weights.sha256:
+        raise BundleError(f"{root}: {name} was trained against classifier sha256 {spec.classifier_sha256}, but "
+                          f"the bundle's classifier is now {bundle.spec.classifier.weights.sha256} (replaced "
+                          "during training?): not written")
     bundle.spec.explainers[name] = spec
     bundle.save_spec()
     return Bundle.load(root)

@@ -100,6 +100,7 @@ def train_cia_bundle(
 
     refs = {part: save_weights(networks[part], target.root / weights_file(part)) for part in PARTS}
     explainer_spec = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
         parameters={
             "architecture": "medxplain.Inpainter (MONAI BasicUNet, input (x*(1-m), m), sigmoid fill used "
                             "inside the mask only)",

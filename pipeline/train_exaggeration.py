@@ -75,6 +75,7 @@ def train_exaggeration_bundle(
     test = evaluate_exaggeration(generator, classifier, splits["test"].images, spec.task.threshold, device=device)
     ref = save_weights(generator, target.root / WEIGHTS_FILE)
     explainer = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
         parameters={
             "architecture": "medxplain.ConditionalGenerator (U-Net, conditional instance norm on the posterior "
                             "bin, residual output)",

@@ -79,6 +79,7 @@ def train_gvr_bundle(
     test = evaluate_gvr(explain, classifier, splits["test"].images, batch_size=EVALUATION_BATCH, device=device)
     ref = save_weights(autoencoder, target.root / WEIGHTS_FILE)
     section = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
         parameters={
             "architecture": "medxplain.GvrAutoEncoder (MONAI residual units, spatial latent, sigmoid output)",
             "network": autoencoder.config(),

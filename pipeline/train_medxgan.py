@@ -86,6 +86,7 @@ def train_medxgan_bundle(
     weights = {"generator": save_weights(generator, target.root / GENERATOR_FILE),
                "encoder": save_weights(encoder, target.root / ENCODER_FILE)}
     section = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
         parameters={
             "architecture": "medxplain.MedxganGenerator (MONAI Generator, instance norm, sigmoid) + "
                             "MedxganEncoder (MONAI Regressor)",

@@ -72,6 +72,7 @@ def train_sagen_bundle(
     test = evaluate_sagen(generator, classifier, splits["test"].images, spec.task.threshold, device=device)
     ref = save_weights(generator, target.root / WEIGHTS_FILE)
     explainer = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
         parameters={
             "architecture": "medxplain.SagenGenerator (MONAI BasicUNet, two residual heads)",
             "network": generator.config(),
