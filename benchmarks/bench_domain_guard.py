@@ -69,7 +69,8 @@ def main() -> int:
         "adult chest CR, 512 px derivations (dicom-cases cr_*/dx_*)": [],
         "adult chest, TBX11K sample PNG": [picture(p) for p in sorted((args.shared / "tbx11k-sample").rglob("*.png"))],
         "MG-labelled chest with 2/3 padding (dicom-cases mg_*)": [],
-        "photograph RGB->gray (dicom-cases sc_empty_modality_lut_item)": [stored(cases / "sc_empty_modality_lut_item.dcm")],
+        "photograph RGB->gray (dicom-cases sc_empty_modality_lut_item)": [
+            stored(cases / "sc_empty_modality_lut_item.dcm")],
         "NM whole-body bone scan (pydicom JPGExtended.dcm)": [dicom(get_testdata_file("JPGExtended.dcm"))],
         "test patterns / CT slice (dicom-cases ot_*, sc_deflated, sc_jpegls)": [],
         "Kermany test, inverted": [1.0 - test],

@@ -85,10 +85,11 @@ class DicomNodeConfig(_Strict):
 
 
 class TrustConfig(_Strict):
-    out_of_domain: Literal["skip", "warn"] = Field(
-        "skip", description="an image the bundle's domain guard scores out of domain: 'skip' it with the reason "
-                            "out_of_domain (PACS default), or 'warn': explain it with an 'out of domain' warning "
-                            "on the overlay and in the SR")
+    out_of_domain: Literal["skip", "warn"] | None = Field(
+        None, description="an image the bundle's domain guard scores out of domain: 'skip' it with the reason "
+                          "out_of_domain, or 'warn': explain it with an 'out of domain' caution on the overlay and "
+                          "in the SR. Unset: skip in the PACS (worker), warn in `medxplain explain` (a person "
+                          "asked for that file; the summary table says so)")
     low_confidence_margin: float = Field(
         0.05, ge=0, lt=1, description="|P - threshold| below this is called 'low confidence (near threshold)' "
                                       "on the overlay and in the SR")

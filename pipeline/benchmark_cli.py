@@ -76,7 +76,8 @@ def benchmark_command(
             result = run_benchmark(
                 bundle_path=bundle, out=out, methods=methods.split(",") if methods else None, n=n, data=data,
                 device=device, batch_size=batch_size, robustness_n=robustness_n, steps=steps, seed=seed,
-                sanity_n=sanity_n, on_method=on_method, on_progress=lambda name, f: progress.update(bars[name], completed=f))
+                sanity_n=sanity_n, on_method=on_method,
+                on_progress=lambda name, f: progress.update(bars[name], completed=f))
         except BenchmarkError as exc:
             console.print(f"[red]cannot benchmark:[/] {exc}")
             raise typer.Exit(2)

@@ -260,6 +260,9 @@ def explain_command(
     explainers: str = typer.Option(None, help="comma-separated methods, e.g. gradcam,ig,occlusion"),
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     batch_size: int = typer.Option(None, help="images per batch"),
+    out_of_domain: str = typer.Option(None, help="skip | warn: an image the bundle's domain guard rejects is "
+                                                 "skipped, or explained with a caution (default: config "
+                                                 "trust.out_of_domain, else warn)"),
     config: Path = typer.Option(None, help="YAML config (default: config/medxplain.yaml)"),
 ) -> None:
     """Explain radiographs; writes SC overlays, SEG, counterfactual SC and the SR per image."""
@@ -273,6 +276,12 @@ def explain_command(
     overrides = {"bundle": bundle, "device": device, "batch_size": batch_size,
                  "explainers": explainers.split(",") if explainers else None}
     cfg = _load(load_config, config, overrides)
+    if out_of_domain not in (None, "skip", "warn"):
+        console.print(f"[red]--out-of-domain must be skip or warn, got {out_of_domain!r}[/]")
+        raise typer.Exit(2)
+    if out_of_domain or cfg.trust.out_of_domain is None:
+        # Here a person asked for these files: unless told otherwise, explain with the caution.
+        cfg = cfg.model_copy(update={"trust": cfg.trust.model_copy(update={"out_of_domain": out_of_domain or "warn"})})
     files = expand_inputs(paths)
     if not files:
         console.print("[red]no input files found[/]")

@@ -166,6 +166,7 @@ class Engine:
         probability = self.classify(batch)
         domains = self.assess_domain(batch)
         shared = (time.perf_counter() - t0) * 1000.0 / len(sources)
+        # Unset means skip: the worker's (PACS) default; `medxplain explain` sets warn.
         skipped = [None if d is None or d.in_domain or self.config.trust.out_of_domain == "warn" else
                    f"out_of_domain: domain score {d.score:.1f} > threshold {d.threshold:.1f} (the image is unlike "
                    "the classifier's training data)" for d in domains]

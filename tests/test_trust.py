@@ -8,8 +8,6 @@ bundle.yaml with the weights symlinked (the repository's bundle is never modifie
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -17,6 +15,7 @@ import pytest
 import torch
 import yaml
 from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
 
 from config.schema import MedxplainConfig
 from dicom_io.preprocess import InputSpec, Preprocessor
@@ -25,6 +24,7 @@ import pipeline.engine  # noqa: F401  (registers every explainer)
 from explainers.base import explainer_class
 from explainers.bundle import BUNDLE_FILE, Bundle, ClassifierMismatchError
 from explainers.domain import DomainGuard, fit_statistics, mahalanobis
+from pipeline.cli import app
 from tests.conftest import SHARED_DATA, kermany_subset
 from tests.dicom_validation import assert_valid
 from tests.generator_helpers import DEMO_BUNDLE, sampled_test_images
@@ -193,8 +193,9 @@ def test_warn_mode_explains_with_the_domain_score_and_cautions_in_sr_and_overlay
 def test_train_domain_guard_writes_a_pinned_calibrated_guard(tmp_path, kermany_dir):
     root = linked_bundle(tmp_path, lambda spec: spec.pop("domain_guard"))
     data = kermany_subset(kermany_dir, tmp_path / "data", {"train": 96, "test": 16})
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "domain-guard", "--bundle", str(root),
-                    "--data", str(data), "--quantile", "0.9"], check=True, capture_output=True, text=True)
+    done = CliRunner().invoke(app, ["train", "domain-guard", "--bundle", str(root), "--data", str(data),
+                                    "--quantile", "0.9"])
+    assert done.exit_code == 0, done.output
     bundle = Bundle.load(root)  # verifies the statistics file against its pinned sha256
     guard = bundle.spec.domain_guard
     assert guard.classifier_sha256 == bundle.spec.classifier.weights.sha256
