@@ -35,6 +35,11 @@ class QueueConfig(_Strict):
     backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles per attempt")
     backoff_max_s: float = Field(600.0, gt=0, description="longest retry delay")
     lease_s: float = Field(300.0, gt=0, description="a job leased longer than this without renewal is retried")
+    unavailable_dead_after_s: float = Field(
+        7 * 86400.0, gt=0, description="a peer (Orthanc, the C-STORE destination) unreachable this long "
+        "dead-letters the jobs waiting for it; until then an outage spends no attempts")
+    outage_retry_max_s: float = Field(60.0, gt=0, description="while a peer is unreachable the worker pauses, "
+                                      "starting at backoff_s and doubling up to this, then tries one job again")
 
 
 class WorkerConfig(_Strict):

@@ -11,17 +11,7 @@ import sys
 import pytest
 
 from pipeline.jobqueue import JobQueue, QueueDamaged, inspect_queue, make_owner, owner_alive
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.clock import FakeClock
 
 
 def test_enqueue_lease_complete(tmp_path):

@@ -33,6 +33,7 @@ from pipeline.audit import AuditLog, Redactor, ScrubUIDsFilter, hash_text
 from pipeline.jobqueue import JobQueue
 from pipeline.orthanc_client import OrthancClient, OrthancConfigError, OrthancRequestError, OrthancUnavailable
 from pipeline.worker import Worker, open_queue
+from tests.clock import FakeClock
 from tests.conftest import PROJECT_ROOT
 
 MEDXPLAIN = [sys.executable, "-m", "pipeline.cli"]
@@ -176,7 +177,8 @@ def test_folder_job_explains_the_good_images_skips_the_bad_and_reruns_idempotent
 @pytest.mark.slow
 def test_failing_delivery_backs_off_goes_dead_keeps_the_spool_then_retry_completes(tmp_path, bundle_dir, cr_jpeg):
     cfg = make_config(tmp_path, bundle_dir, queue={"max_attempts": 2})
-    queue = open_queue(cfg)
+    clock = FakeClock()
+    queue = open_queue(cfg, clock=clock)
     spool = tmp_path / "spool" / "study-1"
     spool.mkdir(parents=True)
     shutil.copy(cr_jpeg, spool / "1.dcm")
@@ -189,10 +191,10 @@ def test_failing_delivery_backs_off_goes_dead_keeps_the_spool_then_retry_complet
 
     assert worker.run_once() == ["pending"]
     job = queue.get(job_id)
-    assert job.attempts == 1 and job.not_before > time.time() - 0.01
+    assert job.attempts == 1 and job.not_before == clock.now + cfg.queue.backoff_s
     assert job.last_error.startswith("DeliveryFailed: cannot write results under the output folder")
     assert worker.run_once() == []  # backing off
-    time.sleep(0.12)
+    clock.advance(cfg.queue.backoff_s)
     assert worker.run_once() == ["dead"]
     job = queue.get(job_id)
     assert job.state == "dead" and job.attempts == 2 and "DeliveryFailed" in job.last_error
@@ -327,10 +329,12 @@ def test_cstore_delivery_from_the_dicom_node_spool(tmp_path, bundle_dir, cr_jpeg
         assert queue.get(refused).last_error.startswith("DeliveryError") and (spool / "1.dcm").exists()
     finally:
         scp.stop()
-    # The PACS is down: transient, retried with back-off.
+    # The PACS is down: the job is deferred without spending an attempt, and the worker pauses.
     again, _ = queue.enqueue("node:0123abcd", payload)
     assert worker.run_once() == ["pending"]
-    assert queue.get(again).last_error.startswith("DeliveryError")
+    job = queue.get(again)
+    assert job.last_error.startswith("DeliveryError") and job.attempts == 0 and job.unavailable_since is not None
+    assert worker.outage_pause_s == cfg.queue.backoff_s
 
 
 def test_permanent_failures_go_dead_at_once_with_the_reason(tmp_path, bundle_dir):
@@ -355,12 +359,13 @@ def test_permanent_failures_go_dead_at_once_with_the_reason(tmp_path, bundle_dir
 
 def test_a_job_whose_worker_keeps_dying_is_dead_lettered(tmp_path, bundle_dir):
     cfg = make_config(tmp_path, bundle_dir, queue={"max_attempts": 2})
-    queue = open_queue(cfg)
+    clock = FakeClock()
+    queue = open_queue(cfg, clock=clock)
     job_id, _ = queue.enqueue("k", {"kind": "folder", "folder": str(tmp_path), "deliver": "folder",
                                     "out": str(tmp_path / "out")})
     for _ in range(2):  # two workers "die" mid-job: their leases expire
-        assert queue.lease("crashed", lease_s=0.01).id == job_id
-        time.sleep(0.02)
+        assert queue.lease("crashed", lease_s=60).id == job_id
+        clock.advance(61)
     assert Worker(cfg, queue, "w").run_once() == ["dead"]
     assert queue.get(job_id).last_error.startswith("gave up: leased 3 times without finishing")
 
@@ -381,7 +386,9 @@ def test_orthanc_job_without_password_fails_with_a_clear_message(tmp_path, bundl
     queue = open_queue(cfg)
     job_id, _ = queue.enqueue("orthanc:abc", {"kind": "orthanc", "study": "abc"})
     assert Worker(cfg, queue, "w").run_once() == ["pending"]
-    assert "MEDXPLAIN_TEST_NO_SUCH_PASSWORD is not set" in queue.get(job_id).last_error
+    job = queue.get(job_id)
+    assert "MEDXPLAIN_TEST_NO_SUCH_PASSWORD is not set" in job.last_error
+    assert job.attempts == 0  # a configuration to fix: the job waits, spending no attempt
     with pytest.raises(OrthancConfigError, match="MEDXPLAIN_TEST_NO_SUCH_PASSWORD"):
         OrthancClient.from_config(cfg.orthanc)
 
@@ -633,3 +640,24 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     assert queue.get(job3).last_error.startswith("OrthancUnavailable")
     text = cfg.worker.audit_log.read_text()
     assert source_uid not in text
+
+
+def test_failures_are_classified_by_what_retrying_can_do():
+    from dicom_io.network import DeliveryError
+    from pipeline.orthanc_client import OrthancConfigError
+    from pipeline.worker import _classify
+
+    down = dict(ae_title="PACS", host="127.0.0.1", port=104)
+    assert _classify(OrthancUnavailable("refused")) == "unavailable"
+    assert _classify(OrthancUnavailable("x", status=503)) == "unavailable"
+    assert _classify(OrthancUnavailable("x", status=507)) == "unavailable"  # Orthanc's disk is full
+    assert _classify(OrthancUnavailable("x", status=500)) == "retry"
+    assert _classify(OrthancRequestError("x", status=401)) == "unavailable"  # credentials: a config to fix
+    assert _classify(OrthancRequestError("x", status=400)) == "permanent"
+    assert _classify(OrthancRequestError("not stored")) == "permanent"
+    assert _classify(OrthancConfigError("no password")) == "unavailable"
+    assert _classify(DeliveryError("refused", **down)) == "unavailable"
+    assert _classify(DeliveryError("out of resources", status=0xA700, **down)) == "unavailable"
+    assert _classify(DeliveryError("cannot understand", status=0xC000, **down)) == "retry"
+    assert _classify(DeliveryError("AE refused", transient=False, **down)) == "permanent"
+    assert _classify(RuntimeError("cuda")) == "retry"
