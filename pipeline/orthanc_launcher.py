@@ -69,6 +69,7 @@ class OrthancSettings:
     max_storage_cache_mb: int = 0
     plugin_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the "Medxplain" section
     reconcile_s: float = 30.0  # the plugin's reconciliation period (marks, stable studies, queue probe)
+    queue_file: Path | None = None  # default DIR/queue.db (e.g. a separate file system)
 
     def __post_init__(self) -> None:
         self.data = Path(self.data).resolve()
@@ -88,7 +89,7 @@ class OrthancSettings:
 
     @property
     def queue_path(self) -> Path:
-        return self.data / "queue.db"
+        return Path(self.queue_file).resolve() if self.queue_file else self.data / "queue.db"
 
     @property
     def url(self) -> str:
@@ -136,7 +137,7 @@ def write_configs(settings: OrthancSettings) -> dict[str, Any]:
     base = load_config(settings.base_config, {k: v for k, v in settings.worker_overrides.items()})
     worker_cfg = base.model_dump(mode="json")
     worker_cfg["bundle"] = str(base.bundle_path())
-    worker_cfg["queue"]["path"] = str(p["queue"])
+    worker_cfg["queue"]["path"] = str(settings.queue_path)
     worker_cfg["worker"]["audit_log"] = str(p["audit"])
     worker_cfg["orthanc"].update(url=settings.url, username=WORKER_USER, password_env=PASSWORD_ENV)
     for rule in worker_cfg.get("rules", []):
@@ -176,7 +177,7 @@ def write_configs(settings: OrthancSettings) -> dict[str, Any]:
         "ConcurrentJobs": 1,
         "Medxplain": {
             "ProjectRoot": str(PROJECT_ROOT),
-            "QueuePath": str(p["queue"]),
+            "QueuePath": str(settings.queue_path),
             "MaxAttempts": base.queue.max_attempts,
             "BackoffSeconds": base.queue.backoff_s,
             "BackoffMaxSeconds": base.queue.backoff_max_s,
