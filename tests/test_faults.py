@@ -173,20 +173,18 @@ def small_tmpfs(tmp_path):
 
 
 def _fill(folder: Path) -> Path:
+    """Fill the file system to the last byte (unbuffered writes until ENOSPC)."""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                f.write(b"\0")
-                f.flush()
-        except OSError:
-            pass
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
     return filler
 
 
