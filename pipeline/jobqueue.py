@@ -243,7 +243,8 @@ class JobQueue:
                     db.execute("ALTER TABLE jobs ADD COLUMN unavailable_since REAL")
             _create_private(self.path)  # the -wal and -shm files SQLite just made
             if self.incident is not None:
-                where = f"; the damaged file was moved to {self.incident['moved_to']}" if self.incident["moved_to"] else ""
+                moved = self.incident["moved_to"]
+                where = f"; the damaged file was moved to {moved}" if moved else ""
                 self.incident["id"] = self.record_incident(self.incident["kind"], detail + where)
 
     @contextmanager
