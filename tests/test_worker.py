@@ -661,3 +661,19 @@ def test_failures_are_classified_by_what_retrying_can_do():
     assert _classify(DeliveryError("cannot understand", status=0xC000, **down)) == "retry"
     assert _classify(DeliveryError("AE refused", transient=False, **down)) == "permanent"
     assert _classify(RuntimeError("cuda")) == "retry"
+
+
+def test_jobs_and_worker_commands_refuse_a_damaged_queue_with_a_clear_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    queue = tmp_path / "queue.db"
+    JobQueue(queue).enqueue("k")
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"queue.db{suffix}").unlink(missing_ok=True)
+    queue.write_bytes(b"")
+    for args in (["jobs", "list", "--queue", str(queue)], ["worker", "--once", "--no-warm", "--queue", str(queue)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "is emptied" in result.output, (args, result.output)
+    assert queue.stat().st_size == 0  # left for its owner to recover, never re-created empty by a reader
