@@ -257,3 +257,24 @@ def test_worker_account_cannot_delete_or_add_a_destination_and_aets_are_exact(se
                                   capture_output=True, text=True, timeout=60)
     assert wrong_called.returncode != 0
     assert len(orthanc.studies()) == 1
+
+
+def test_a_mark_whose_stable_study_enqueue_failed_is_queued_without_a_restart(servers, tmp_path, kermany_test):
+    """E.g. the whole data folder was full when STABLE_STUDY fired: the mark stayed, no job
+    was made. The plugin's reconciliation queues it once Orthanc says the study is stable."""
+    import sqlite3
+
+    orthanc = servers(reconcile_s=1.0).start()
+    source = cr_study(kermany_test[150:151], "fault-stuck-mark")
+    orthanc.storescu(write(source, tmp_path / "a"))
+    orthanc.wait_jobs(lambda c: c["pending"] == 1, 30, "the first job")
+    sid = study_id(orthanc, source[0])
+    q = orthanc.queue()
+    job = q.lease("test-worker")
+    assert q.complete(job.id, "test-worker")
+    # The state a failed enqueue leaves: a mark (of a study already stable), no open job.
+    db = sqlite3.connect(orthanc.settings.queue_path, isolation_level=None)
+    db.execute("INSERT INTO orthanc_marks (study, version, updated) VALUES (?, 1, 0)", (sid,))
+    db.close()
+    answer = orthanc.wait_jobs(lambda c: c["pending"] == 1, 30, "the job queued by the reconciliation")
+    assert answer["jobs"][0]["study"] == sid and answer["stats"]["studies_marked"] == 0

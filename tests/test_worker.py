@@ -125,7 +125,7 @@ def _identifying(paths: list[Path]) -> set[str]:
 def test_folder_job_explains_the_good_images_skips_the_bad_and_reruns_idempotently(
         tmp_path, bundle_dir, study_folder, cr_16bit, cr_jpeg):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     out = tmp_path / "out"
     payload = {"kind": "folder", "folder": str(study_folder), "deliver": "folder", "out": str(out)}
     job_id, _ = queue.enqueue("folder:test", payload)
@@ -212,7 +212,7 @@ def test_failing_delivery_backs_off_goes_dead_keeps_the_spool_then_retry_complet
 @pytest.mark.slow
 def test_stop_request_releases_the_job_and_a_rerun_finishes_it(tmp_path, bundle_dir, cr_jpeg, cr_16bit):
     cfg = make_config(tmp_path, bundle_dir, batch_size=1)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(cr_jpeg, folder / "1.dcm")
@@ -246,7 +246,7 @@ def test_stop_request_releases_the_job_and_a_rerun_finishes_it(tmp_path, bundle_
 @pytest.mark.slow
 def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bundle_dir, cr_jpeg, cr_16bit):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(cr_jpeg, folder / "1.dcm")
@@ -279,7 +279,7 @@ def test_a_rule_picks_its_own_model_profile(tmp_path, bundle_dir, cr_jpeg):
     cfg = make_config(tmp_path, bundle_dir, rules=[
         {"name": "secondary capture", "modalities": [], "sop_class_uids": [sc_class], "explainers": ["occlusion"]},
         {"name": "chest radiographs"}])
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(cr_jpeg, folder / "1.dcm")
@@ -308,7 +308,7 @@ def test_cstore_delivery_from_the_dicom_node_spool(tmp_path, bundle_dir, cr_jpeg
     try:
         cfg = make_config(tmp_path, bundle_dir,
                           delivery={"cstore": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}})
-        queue = open_queue(cfg)
+        queue = open_queue(cfg, clock=FakeClock())
         spool = tmp_path / "spool" / "0123abcd"
         spool.mkdir(parents=True)
         shutil.copy(cr_jpeg, spool / "1.dcm")
@@ -339,7 +339,7 @@ def test_cstore_delivery_from_the_dicom_node_spool(tmp_path, bundle_dir, cr_jpeg
 
 def test_permanent_failures_go_dead_at_once_with_the_reason(tmp_path, bundle_dir):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     worker = Worker(cfg, queue, "w1")
     cases = {
         "missing": ({"kind": "folder", "folder": str(tmp_path / "nope"), "deliver": "folder", "out": "/tmp/x"},
@@ -372,7 +372,7 @@ def test_a_job_whose_worker_keeps_dying_is_dead_lettered(tmp_path, bundle_dir):
 
 def test_a_spool_folder_already_cleaned_up_is_a_no_op(tmp_path, bundle_dir):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     job_id, _ = queue.enqueue("k", {"kind": "folder", "folder": str(tmp_path / "spool" / "gone"),
                                     "deliver": "folder", "out": str(tmp_path / "out")})
     assert Worker(cfg, queue, "w").run_once() == ["done"]
@@ -383,7 +383,7 @@ def test_orthanc_job_without_password_fails_with_a_clear_message(tmp_path, bundl
     monkeypatch.delenv("MEDXPLAIN_TEST_NO_SUCH_PASSWORD", raising=False)
     cfg = make_config(tmp_path, bundle_dir, delivery={"orthanc": True},
                       orthanc={"password_env": "MEDXPLAIN_TEST_NO_SUCH_PASSWORD"})
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     job_id, _ = queue.enqueue("orthanc:abc", {"kind": "orthanc", "study": "abc"})
     assert Worker(cfg, queue, "w").run_once() == ["pending"]
     job = queue.get(job_id)
@@ -606,7 +606,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     monkeypatch.setenv("MEDXPLAIN_TEST_ORTHANC_PASSWORD", orthanc.password)
     cfg = make_config(tmp_path, bundle_dir, delivery={"orthanc": True},
                       orthanc={"url": orthanc.url, "password_env": "MEDXPLAIN_TEST_ORTHANC_PASSWORD"})
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     worker = Worker(cfg, queue, "w1")
     job_id, _ = queue.enqueue(f"orthanc:{study}", {"kind": "orthanc", "study": study})
     assert worker.run_once() == ["done"]
