@@ -7,7 +7,6 @@ Both are our own files, read with ``weights_only=True`` (no arbitrary objects).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,22 +72,3 @@ class EpochCheckpoints:
             saved = torch.load(self.best, weights_only=True)
             for name in self.best_parts:
                 self.parts[name].load_state_dict(saved[name])
-
-
-def gan_checkpoints(directory: Path, *, generator: Any, discriminator: Any, opt_g: Any, opt_d: Any,
-                    n_train: int, settings: dict[str, Any], extra_parts: dict[str, Any] | None = None,
-                    best_parts: tuple[str, ...] = ("generator",)) -> EpochCheckpoints:
-    """Checkpoints of a generator/discriminator pair (plus ``extra_parts``, e.g. an encoder
-    and its optimiser); best.ckpt keeps ``best_parts``.
-
-    The fingerprint is what a checkpoint must share with a later call to be resumed:
-    the networks, the training set size and every setting except epochs and device.
-    """
-    extra_parts = extra_parts or {}
-    setup = {k: v for k, v in settings.items() if k not in ("epochs", "device")}
-    networks = {name: part.config() for name, part in extra_parts.items() if hasattr(part, "config")}
-    fingerprint = json.dumps({"generator": generator.config(), **networks, "n_train": n_train, **setup},
-                             sort_keys=True)
-    return EpochCheckpoints(directory, fingerprint, {
-        "generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d, **extra_parts},
-        best_parts=best_parts)

@@ -34,6 +34,9 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.regression import spearman_corrcoef
 from torchmetrics.functional.classification import binary_average_precision
 
+from explainers.validity import flipped, probability_change
+from explainers.validity import proximity_l1 as _proximity_l1
+
 
 class EvaluationError(ValueError):
     """Inputs to a metric have the wrong shape, type or content."""
@@ -140,15 +143,13 @@ def _box_masks(saliency: torch.Tensor, boxes, source_shape) -> torch.Tensor:
 
 def validity(probability: torch.Tensor, counterfactual_probability: torch.Tensor,
              threshold: float) -> dict[str, torch.Tensor]:
-    """``flipped``: did the decision change; ``change``: how far P(positive) moved
-    towards the other class (positive = in the intended direction)."""
+    """``flipped`` (1.0 / 0.0): did the decision change; ``change``: how far P(positive)
+    moved towards the other class (``explainers.validity``: the one definition)."""
     if probability.shape != counterfactual_probability.shape or probability.ndim != 1:
         raise EvaluationError(f"probabilities must both be (B,), got {tuple(probability.shape)} and "
                               f"{tuple(counterfactual_probability.shape)}")
-    called = probability >= threshold
-    flipped = (counterfactual_probability >= threshold) != called
-    direction = torch.where(called, -1.0, 1.0)
-    return {"flipped": flipped.float(), "change": direction * (counterfactual_probability - probability)}
+    return {"flipped": flipped(probability, counterfactual_probability, threshold).float(),
+            "change": probability_change(probability, counterfactual_probability, threshold)}
 
 
 def _check_images(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -159,7 +160,7 @@ def _check_images(a: torch.Tensor, b: torch.Tensor) -> None:
 def proximity_l1(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:
     """Mean absolute pixel change, in model-space intensity [0, 1]."""
     _check_images(images, counterfactuals)
-    return (counterfactuals.float() - images.float()).abs().flatten(1).mean(dim=1)
+    return _proximity_l1(images, counterfactuals)
 
 
 def proximity_ssim(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
+from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
-from explainers.sagen import smooth_maps
 
 # Encoder widths per level (each halves the side) and latent channels: at 64 px an
 # 8 x 8 x 16 latent (1,024 numbers for 4,096 pixels).
@@ -131,6 +132,7 @@ class GvrExplainer(Explainer):
 
     version = "1"
     bundle_section = "gvr"
+    bundle_networks = {"autoencoder": (GvrAutoEncoder, "network")}
 
     def __init__(self, *, autoencoder: GvrAutoEncoder, mode: str = "optimise", steps: int = 5,
                  search_steps: int = 60, learning_rate: float = 0.1, tolerance: float = 1e-3, patience: int = 10,
@@ -155,16 +157,6 @@ class GvrExplainer(Explainer):
         self.mode, self.steps = mode, int(steps)
         self.margin, self.similarity_weight = float(margin), float(similarity_weight)
         self.max_shift, self.smoothing_sigma = float(max_shift), float(smoothing_sigma)
-
-    PARAMETERS = ("mode", "steps", "search_steps", "learning_rate", "tolerance", "patience", "margin",
-                  "similarity_weight", "max_shift", "smoothing_sigma")
-
-    @classmethod
-    def from_bundle(cls, bundle: Any, **parameters: Any) -> "GvrExplainer":
-        autoencoder = bundle.load_network("gvr", "autoencoder", GvrAutoEncoder)
-        spec = bundle.spec.explainers["gvr"]
-        defaults = {k: spec.parameters[k] for k in cls.PARAMETERS if k in spec.parameters}
-        return cls(autoencoder=autoencoder, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
 
     # -- the search -------------------------------------------------------------------
 
@@ -252,15 +244,13 @@ class GvrExplainer(Explainer):
                 # cell spans 16 px), else the zero crossings of a smooth signed change cut
                 # one region into rings.
                 saliency = normalise_maps(smooth_maps(rationale.abs().sum(dim=1), self.smoothing_sigma))
-                proximity = (path[:, -1] - images).abs().flatten(1).mean(dim=1)
                 shift = (z_star - z0).abs().flatten(1).mean(dim=1)
         finally:
             for p, flag in zip(networks, modes):
                 p.requires_grad_(flag)
+        common = counterfactual_checks(probability, path_probability[:, -1], images, path[:, -1], self.threshold)
         checks = [{
-            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
-            "counterfactual_probability": float(path_probability[i, -1]),
-            "proximity_l1": float(proximity[i]),
+            **common[i],
             "steps_used": int(steps_used[i]),
             "reconstruction_l1": float(reconstruction_l1[i]),
             "latent_shift": float(shift[i]),
