@@ -46,9 +46,9 @@ from dicom_io.output import (
     check_text,
     contributing_equipment,
     finalize_output,
-    header_only,
     series_description,
 )
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import derived_uid, instance_uid, series_uid
 
@@ -157,7 +157,7 @@ def saliency_seg(
         tracking_id=f"{method} most salient region"[:64],
         display_color=hd.color.CIELabColor.from_rgb(255, 64, 0),
     )
-    ref = header_only(ds, drop_invalid_pixel_spacing=True)
+    ref = writer_reference(source, drop_invalid_pixel_spacing=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
         seg = hd.seg.Segmentation(
