@@ -301,6 +301,9 @@ def _check_element(element: DataElement, keyword: str, eight_bit_ok: bool) -> tu
             for sub in item:
                 try:
                     _, note, keep = _check_element(sub, sub.keyword, eight_bit_ok)
+                    if keep and sub.VR == "UI" and not _values(sub.value):
+                        # UIDs in items reference something: Type 1 in every macro that has them.
+                        keep, note = False, "empty UID"
                 except Exception:  # noqa: BLE001  an unreadable nested element makes the sequence unusable
                     keep, note = False, "unreadable"
                 if not keep:
@@ -392,9 +395,34 @@ def normalised_reference(ds: Dataset, *, where: str | None = None, log: bool = T
             for _, keyword, _, _ in (a for a in _attributes() if a[0] == module):
                 if keyword in ref:
                     del ref[keyword]
+    _normalise_lossy_compression(ds, ref, note)
     for text in notes if log else ():
         logger.warning("%s: %s", where or "source", text)
     return ref, notes
+
+
+def _normalise_lossy_compression(ds: Dataset, ref: Dataset, note) -> None:
+    """Lossy Image Compression (General Image, copied into SEG by highdicom): ``00`` or ``01``.
+
+    Empty or invalid: ``01`` when the source's transfer syntax is lossy (that much
+    is certain), else left out (highdicom then writes ``00``).
+    """
+    if "LossyImageCompression" not in ref:
+        return
+    value = str(ref.get("LossyImageCompression") or "").strip()
+    if value in ("00", "01"):
+        return
+    transfer_syntax = getattr(getattr(ds, "file_meta", None), "get", lambda k: None)("TransferSyntaxUID")
+    lossy = transfer_syntax is not None and getattr(transfer_syntax, "is_compressed", False) \
+        and not getattr(transfer_syntax, "is_lossless", True)
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if keyword in ref:
+            del ref[keyword]
+    if lossy:
+        ref.LossyImageCompression = "01"
+        note("LossyImageCompression", "not 00 or 01; set to 01 (the transfer syntax is lossy)")
+    else:
+        note("LossyImageCompression", "not 00 or 01; left out")
 
 
 def writer_reference(source: "SourceImage", *, drop_invalid_pixel_spacing: bool = False) -> Dataset:

@@ -229,7 +229,7 @@ def _padding_mask(raw: np.ndarray, ds: Dataset, where: str, notes: list[str]) ->
     Range Limit, every stored value between the two (inclusive). Padding is
     left out of the automatic window and displayed as background (black).
     """
-    if "PixelPaddingValue" not in ds:
+    if ds.get("PixelPaddingValue") in (None, "", b""):
         return None
     try:
         value = int(_first_value(ds.PixelPaddingValue))
