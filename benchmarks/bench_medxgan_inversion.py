@@ -2,7 +2,8 @@
 against the fast route (encoder E(x), then a short early-stopped refinement), on
 the same images, generator, classifier, loss and learning rate, in one run.
 
-    .venv/bin/python benchmarks/bench_medxgan_inversion.py [--n 16] [--official-steps 2000] [--refine-steps shipped,100,200]
+    .venv/bin/python benchmarks/bench_medxgan_inversion.py [--n 16] [--official-steps 2000] \
+        [--refine-steps shipped,100,200]
         [--device auto|cpu|cuda] [--bundle bundles/demo-pneumonia]
 
 Prints, per route, the reconstruction error (mean L1 at the generator's size),
@@ -93,10 +94,13 @@ def main() -> int:
             needed = int(reached[0])
             tail = f"{needed} | {needed / max(mean_steps, 1.0):.1f} | {needed * per_step_s / seconds:.1f} |"
         else:
-            tail = f"> {args.official_steps} (best {float(curve.min()):.4f}) | > {args.official_steps / max(mean_steps, 1.0):.0f} " \
-                   f"| > {slow_s / seconds:.0f} |"
-        label = f"encoder + refinement ({'shipped: ' + str(explainer.budget.steps) + ' max, early stop' if budget_name == 'shipped' else budget_name + ' steps'})"
-        print(f"| {label} | {mean_steps:.1f} | {seconds:.1f} | {1000 * seconds / len(images):.0f} | {target:.4f} | {tail}")
+            tail = (f"> {args.official_steps} (best {float(curve.min()):.4f}) | "
+                    f"> {args.official_steps / max(mean_steps, 1.0):.0f} | > {slow_s / seconds:.0f} |")
+        budget = (f"shipped: {explainer.budget.steps} max, early stop" if budget_name == "shipped"
+                  else f"{budget_name} steps")
+        label = f"encoder + refinement ({budget})"
+        print(f"| {label} | {mean_steps:.1f} | {seconds:.1f} | {1000 * seconds / len(images):.0f} | {target:.4f} "
+              f"| {tail}")
     print(f"the paper's 5,000 official steps at this step cost: ~{5000 * per_step_s / len(images):.1f} s per image")
     return 0
 

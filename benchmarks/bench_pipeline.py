@@ -118,7 +118,7 @@ def main() -> int:
                     + by_name["inverse map to source grid"] + by_name["write: overlay SC"]
                     + by_name["write: BINARY SEG"] + by_name["write: SR"])
         print(f"\n## {path.name}: {source.rows}x{source.columns}")
-        print(f"| stage | median ms | ratio |\n|---|---|---|")
+        print("| stage | median ms | ratio |\n|---|---|---|")
         for name, ms, ratio in rows:
             print(f"| {name} | {ms:.1f} | {ratio} |")
         print(f"| decode+preprocess+inverse+write (overlay, SEG, SR) | {io_total:.1f} | target <= 1000 |")

@@ -11,9 +11,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"
-
 from dicom_io.uids import derived_uid
+
+CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def cr_from_pixels(

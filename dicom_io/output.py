@@ -37,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from highdicom import ContributingEquipment
     from pydicom.dataset import Dataset
 
-    from dicom_io.source import SourceImage
 
 __all__ = [
     "MANUFACTURER",

@@ -340,7 +340,7 @@ def normalised_reference(ds: Dataset, *, where: str | None = None, log: bool = T
     """
     from dicom_io.output import header_only
 
-    ref = header_only(ds, drop_invalid_pixel_spacing=drop_invalid_pixel_spacing)
+    ref = _own_copy(header_only(ds, drop_invalid_pixel_spacing=drop_invalid_pixel_spacing))
     notes: list[str] = []
 
     def note(keyword: str, text: str) -> None:
@@ -440,7 +440,20 @@ def writer_reference(source: "SourceImage", *, drop_invalid_pixel_spacing: bool 
         cache[key], notes = normalised_reference(source.dataset, where=where, log=first,
                                                  drop_invalid_pixel_spacing=drop_invalid_pixel_spacing)
         cache.setdefault("reference_notes", notes)
-    return cache[key]
+    return _own_copy(cache[key])
+
+
+def _own_copy(ds: Dataset) -> Dataset:
+    """A copy whose elements are its own: a writer may set attributes on it
+    (e.g. the SEG geometry) without touching the cached reference or the source."""
+    import copy
+
+    out = Dataset()
+    for element in ds:
+        out.add(copy.copy(element))
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    return out
 
 
 # ------------------------------------------------------------------ series-level attributes

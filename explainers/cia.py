@@ -128,7 +128,8 @@ def random_masks(n: int, size: int, generator: torch.Generator, *, coverage: tup
     rows = torch.arange(size).float()[None, :] / size
     top, left = corners[:, 0:1] * 0.7, corners[:, 1:2] * 0.7
     bottom, right = top + 0.1 + corners[:, 2:3] * 0.3, left + 0.1 + corners[:, 3:4] * 0.3
-    box = (((rows >= top) & (rows < bottom)).float()[:, :, None] * ((rows >= left) & (rows < right)).float()[:, None, :])
+    box = (((rows >= top) & (rows < bottom)).float()[:, :, None]
+           * ((rows >= left) & (rows < right)).float()[:, None, :])
     use_box = (torch.rand(n, generator=generator) < 0.5).float()[:, None, None]
     masks = torch.maximum(masks, (box * use_box)[:, None])
     opacity = torch.where(torch.rand(n, generator=generator) < 1 / 3, 0.3 + 0.7 * torch.rand(n, generator=generator),

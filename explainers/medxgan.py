@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from monai.networks.nets import Generator, Regressor
 from torch import nn
 
-from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register, threshold_logit
+from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register
 from explainers.optimise import SearchBudget, per_image_adam
 from explainers.sagen import smooth_maps
 from explainers.training import frozen

@@ -101,7 +101,8 @@ def train_classifier(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        start_epoch, best_auroc, best_epoch = int(state["epoch"]) + 1, float(state["best_auroc"]), int(state["best_epoch"])
+        start_epoch = int(state["epoch"]) + 1
+        best_auroc, best_epoch = float(state["best_auroc"]), int(state["best_epoch"])
         log = [dict(zip(state["log_keys"], row.tolist())) for row in state["log"]]
         augment.set_random_state(seed=config.seed + start_epoch)
 

@@ -38,7 +38,7 @@ def train_classifier_command(
 
 @train_app.command("sagen")
 def train_sagen_command(
-    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the generator is added to it)"),
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (generator added to it)"),
     data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
     epochs: int = typer.Option(10, help="total epochs; a checkpoint in <bundle>/.checkpoints/sagen is resumed"),
     size: int = typer.Option(64, help="side the generator works at (multiple of 16); its change is upsampled "
@@ -75,7 +75,7 @@ def train_sagen_command(
 
 @train_app.command("exaggeration")
 def train_exaggeration_command(
-    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the generator is added to it)"),
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (generator added to it)"),
     data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
     epochs: int = typer.Option(8, help="total epochs; a checkpoint in <bundle>/.checkpoints/exaggeration is resumed"),
     size: int = typer.Option(64, help="side the generator works at (multiple of 8); its change is upsampled "
@@ -102,13 +102,14 @@ def train_exaggeration_command(
     spec = result.spec.explainers["exaggeration"]
     test = spec.training["test"]
     console.print(f"[green]wrote[/] {result.root / spec.weights['generator'].file} — "
-                  f"test flip rate {test['flip_rate']:.3f}, posterior tracking MAE {test['posterior_tracking_mae']:.3f}, "
+                  f"test flip rate {test['flip_rate']:.3f}, "
+                  f"posterior tracking MAE {test['posterior_tracking_mae']:.3f}, "
                   f"L1 {test['proximity_l1']:.4f} (best epoch {spec.training['best_epoch'] + 1})")
 
 
 @train_app.command("cia")
 def train_cia_command(
-    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the inpainters are added to it)"),
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (inpainters added to it)"),
     data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
     epochs: int = typer.Option(8, help="total epochs; a checkpoint in <bundle>/.checkpoints/cia is resumed (a "
                                        "finished one only re-evaluates, e.g. with other search settings)"),
@@ -149,7 +150,7 @@ def train_cia_command(
 
 @train_app.command("gvr")
 def train_gvr_command(
-    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the autoencoder is added to it)"),
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (autoencoder added to it)"),
     data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
     epochs: int = typer.Option(30, help="total epochs; a checkpoint in <bundle>/.checkpoints/gvr is resumed"),
     size: int = typer.Option(64, help="side the autoencoder works at (multiple of 8); its change is upsampled "
@@ -189,7 +190,7 @@ def train_gvr_command(
 
 @train_app.command("medxgan")
 def train_medxgan_command(
-    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (the networks are added to it)"),
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier is explained (networks added to it)"),
     data: Path = typer.Option(..., help="folder with manifest.csv (path, split, label, source_patient_token)"),
     epochs: int = typer.Option(10, help="total epochs; a checkpoint in <bundle>/.checkpoints/medxgan is resumed"),
     size: int = typer.Option(64, help="side of the generated images (multiple of 16); their change is upsampled "
@@ -264,7 +265,8 @@ def explain_command(
         outcomes = explain_paths(engine, files, out, on_file=lambda _: progress.advance(bar))
 
     table = Table(title=f"medxplain — bundle {engine.bundle.spec.name} on {engine.device}",
-                  caption="times are per image: each batch's time divided by its images")
+                  caption="times are per image: its own preprocessing and writing plus an equal share of its "
+                          "batch's model time (--batch-size 1 for fully separate times)")
     for column in ("file", "P(" + engine.bundle.spec.task.positive_label + ")", "decision",
                    *cfg.explainers, "total", "outputs"):
         table.add_column(column)

@@ -210,15 +210,6 @@ class DicomNode:
         if flush:
             self.flush(reason="shutdown")
 
-    def serve_forever(self) -> None:
-        """Start and block until KeyboardInterrupt/SystemExit, then stop (flushing)."""
-        self.start()
-        try:
-            while True:
-                time.sleep(3600)
-        finally:
-            self.stop()
-
     def __enter__(self) -> "DicomNode":
         self.start()
         return self

@@ -78,14 +78,6 @@ class OrthancSettings:
         return self.data / "orthanc.json"
 
     @property
-    def credentials_path(self) -> Path:
-        return self.data / "credentials.json"
-
-    @property
-    def worker_config_path(self) -> Path:
-        return self.data / "medxplain.yaml"
-
-    @property
     def queue_path(self) -> Path:
         return self.data / "queue.db"
 

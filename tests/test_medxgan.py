@@ -28,7 +28,7 @@ from explainers.medxgan import (
     invert,
 )
 from explainers.optimise import SearchBudget
-from explainers.train_medxgan import MedxganTrainingConfig, evaluate_medxgan, train_medxgan
+from explainers.train_medxgan import MedxganTrainingConfig, train_medxgan
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     BOX, DEMO_BUNDLE, SIZE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
