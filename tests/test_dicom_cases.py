@@ -32,9 +32,6 @@ EXPECTED = {
     "sc_empty_modality_lut_item.dcm": ("refused", "missing_uid", None),
     "sc_jpegls_signed_no_study_uid.dcm": ("refused", "missing_uid", None),
 }
-# Kind 3 of issue 11 (SEG Pixel Measures without Slice Thickness) belongs to the SEG
-# writer's rework (issue 10); until it lands, that one error is expected.
-_SEG_SLICE_THICKNESS = "Missing attribute Type 1C Conditional Element=<SliceThickness>"
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +63,7 @@ def test_case(name, cases_dir, engine, tmp_path):
     if code is not None:
         assert any(w.startswith(code + ":") for w in outcome.warnings), outcome.warnings
     assert len(outcome.written) >= 3  # overlay SC, SEG, SR (Grad-CAM has no counterfactual)
-    errors = outcome.dciodvfy_errors
-    if name.startswith("dx_") and errors and all(_SEG_SLICE_THICKNESS in e for e in errors):
-        pytest.xfail("SEG Slice Thickness (kind 3) is the SEG writer's rework, issue 10")
-    assert errors == []
+    assert outcome.dciodvfy_errors == []
     overlay = next(pydicom.dcmread(p) for p in outcome.written if p.name.startswith(("OT-", "CR-", "DX-", "MG-"))
                    and pydicom.dcmread(p, stop_before_pixels=True).SamplesPerPixel == 3)
     if not overlay.get("BodyPartExamined"):
