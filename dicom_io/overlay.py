@@ -1,8 +1,10 @@
 """Render the overlay picture: grey source + colour saliency + legend + burned-in text.
 
 Pure numpy + Pillow (no matplotlib, no torch). The picture is the source image
-at its own resolution with a black text band on top, so that the text never
-hides anatomy:
+at its own resolution with a black text band added above and a warning band
+added below, so that the text never hides anatomy and no viewer overlay (OHIF's
+cine bar at the top centre, Orthanc Web Viewer's notice at the bottom centre)
+hides what matters (text is left-aligned; the legend sits at the right):
 
     +---------------------------------------------------------------+
     | medxplain | <method>                   NOT FOR DIAGNOSTIC USE   |
@@ -11,7 +13,9 @@ hides anatomy:
     +---------------------------------------------------------------+
     |                                                               |
     |            source (grey) + saliency (colour, alpha)           |
-    |                                      [NOT FOR DIAGNOSTIC USE] |
+    |                                                               |
+    +---------------------------------------------------------------+
+    | NOT FOR DIAGNOSTIC USE                                        |
     +---------------------------------------------------------------+
 
 Font size scales with the image (about 1/38 of its shorter side), so the text
@@ -24,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["colormap", "saliency_alpha", "render_overlay", "NOT_FOR_DIAGNOSTIC_USE"]
+__all__ = ["colormap", "saliency_alpha", "render_overlay", "overlay_bands", "NOT_FOR_DIAGNOSTIC_USE"]
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 
@@ -108,6 +112,19 @@ def _blend(gray_rgb: np.ndarray, saliency: np.ndarray, *, threshold: float, max_
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def _metrics(rows: int, cols: int) -> tuple[int, int, int]:
+    """Font size, padding and line height (pixels) for a picture of rows x cols."""
+    size = max(12, int(round(min(rows, cols) / 38)))
+    return size, max(6, size // 2), int(round(size * 1.35))
+
+
+def overlay_bands(rows: int, cols: int) -> tuple[int, int]:
+    """Heights (pixels) of the text band above and the warning band below an image
+    of ``rows`` x ``cols`` (after the enlargement of small sources)."""
+    _, pad, line_h = _metrics(rows, cols)
+    return 2 * pad + 3 * line_h, 2 * pad + line_h
+
+
 def render_overlay(
     *,
     display: np.ndarray,
@@ -121,7 +138,10 @@ def render_overlay(
     threshold: float = 0.2,
     max_alpha: float = 0.6,
 ) -> np.ndarray:
-    """Return the overlay picture as RGB uint8, shape ``(band + rows, cols, 3)``.
+    """Return the overlay picture as RGB uint8, shape ``(band + rows + bottom band, cols, 3)``.
+
+    The image rows are exactly the blended source; all text lies in the two
+    bands added above and below it (:func:`overlay_bands` gives their heights).
 
     ``display`` and ``saliency`` are float arrays in [0, 1] of the same shape
     (already validated by the caller). Saliency below ``threshold`` is fully
@@ -138,13 +158,10 @@ def render_overlay(
     gray_rgb = np.repeat(gray[..., None], 3, axis=2)
     picture = _blend(gray_rgb, saliency, threshold=threshold, max_alpha=max_alpha)
 
-    size = max(12, int(round(min(rows, cols) / 38)))
-    pad = max(6, size // 2)
-    line_h = int(round(size * 1.35))
-    n_lines = 3
-    band_h = 2 * pad + n_lines * line_h
+    size, pad, line_h = _metrics(rows, cols)
+    band_h, bottom_h = overlay_bands(rows, cols)
 
-    canvas = Image.new("RGB", (cols, band_h + rows), _BAND_COLOUR)
+    canvas = Image.new("RGB", (cols, band_h + rows + bottom_h), _BAND_COLOUR)
     canvas.paste(Image.fromarray(picture, mode="RGB"), (0, band_h))
     draw = ImageDraw.Draw(canvas)
 
@@ -215,15 +232,11 @@ def render_overlay(
         draw.text((right_x, text_y), "low", font=_font(small), fill=_TEXT_COLOUR, anchor="lm")
         draw.text((cols - pad, text_y), "high", font=_font(small), fill=_TEXT_COLOUR, anchor="rm")
 
-    # Watermark inside the image area (survives cropping of the band by zoom).
-    wm_size = max(10, int(size * 0.7))
-    wm_font = _font(wm_size)
-    wm_w = _text_width(draw, NOT_FOR_DIAGNOSTIC_USE, wm_font, 0)
-    wm_h = int(wm_size * 1.3)
-    x1, y1 = cols - pad, band_h + rows - pad
-    x0, y0 = max(0, x1 - wm_w - pad), max(band_h, y1 - wm_h - pad // 2)
-    draw.rectangle([x0, y0, x1, y1], fill=(0, 0, 0))
-    draw.text(((x0 + x1) // 2, (y0 + y1) // 2), NOT_FOR_DIAGNOSTIC_USE, font=wm_font,
-              fill=_WARN_COLOUR, anchor="mm")
+    # Bottom band: the warning again, left-aligned (bottom-centre is where
+    # Orthanc's viewer puts its own notice), so that it stays visible when a
+    # viewer zooms to the top of the picture. Nothing is drawn on the image.
+    wm_size = max(10, int(size * 0.8))
+    draw.text((pad, band_h + rows + bottom_h // 2), NOT_FOR_DIAGNOSTIC_USE, font=_font(wm_size),
+              fill=_WARN_COLOUR, anchor="lm", stroke_width=_stroke(wm_size), stroke_fill=_WARN_COLOUR)
 
     return np.asarray(canvas, dtype=np.uint8)

@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -25,16 +24,16 @@ from dicom_io.output import (
     check_unit_image,
     contributing_equipment,
     finalize_output,
-    header_only,
     series_description,
     source_image_item,
     source_pixel_spacing,
 )
-from dicom_io.overlay import NOT_FOR_DIAGNOSTIC_USE, _font, render_overlay
+from dicom_io.overlay import NOT_FOR_DIAGNOSTIC_USE, render_overlay
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import instance_uid, series_uid
 
-__all__ = ["overlay_sc", "counterfactual_sc", "OVERLAY_KIND", "COUNTERFACTUAL_KIND"]
+__all__ = ["overlay_sc", "counterfactual_sc", "source_label", "OVERLAY_KIND", "COUNTERFACTUAL_KIND"]
 
 OVERLAY_KIND = "overlay"
 COUNTERFACTUAL_KIND = "counterfactual"
@@ -72,7 +71,7 @@ def _sc(
 ) -> Dataset:
     import highdicom as hd
 
-    ref = header_only(source.dataset)
+    ref = writer_reference(source)
     with warnings.catch_warnings():
         # highdicom warns about single-component person names copied verbatim
         # from the source (e.g. a pseudonymised PatientName); not ours to fix.
@@ -144,9 +143,12 @@ def overlay_sc(
     context, series_number, instance_number:
         who writes it and where it goes in the new series.
 
-    The picture has a text band on top (see :mod:`dicom_io.overlay`), so it is
-    taller than the source; PixelSpacing is copied when the source has a valid
-    one (distances stay right, positions are shifted by the band).
+    The picture has a text band added above and a warning band added below the
+    image (see :mod:`dicom_io.overlay`), so it is taller than the source and
+    no text lies on anatomy; PixelSpacing is copied when the source has a valid
+    one (distances stay right, positions are shifted by the top band).
+    ``instance_number`` is the source's position in the run (the pipeline puts
+    the overlays of all images of a run into one series per explainer).
     """
     check_source(source)
     context = check_context(context)
@@ -210,48 +212,24 @@ def overlay_sc(
         summary += "; FLIPPED" if flipped else "; DID NOT FLIP"
     sc.BurnedInAnnotation = "YES"
     sc.SourceImageSequence = [source_image_item(ds)]
+    of_source = source_label(ds)
     sc.DerivationDescription = (
-        f"medxplain {context.software_version} {method} saliency overlay on the source image "
+        f"medxplain {context.software_version} {method} saliency overlay on {of_source} "
         f"(colour = saliency, transparent below {threshold:.2f}); {summary}; "
         f"bundle {context.bundle_description}; {NOT_FOR_DIAGNOSTIC_USE}"
     )[:1024]
-    sc.ImageComments = f"{method} saliency overlay; {summary}; {NOT_FOR_DIAGNOSTIC_USE}"[:10240]
+    sc.ImageComments = f"{method} saliency overlay of {of_source}; {summary}; {NOT_FOR_DIAGNOSTIC_USE}"[:10240]
     return sc
 
 
-def _label_layout(text: str, rows: int, cols: int) -> tuple[object, str, tuple[int, int, int, int], int]:
-    """Font, text (one line, or broken at " - "), its bounding box and padding, such
-    that the whole label fits the image width: a truncated "NOT FOR DIAGNOSTIC USE"
-    would defeat its purpose on small sources (a 224 px radiograph)."""
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    size = max(8, int(round(min(rows, cols) / 55)))
-    # One line; else the warning on a line of its own; else one word per line before it.
-    head, _, warning = text.partition(" - ")
-    candidates = [text, f"{head}\n{warning}", "\n".join([*head.split(), warning])] if warning else [text]
-    while True:
-        font, pad = _font(size), max(3, size // 3)
-        for candidate in candidates:
-            box = probe.multiline_textbbox((0, 0), candidate, font=font)
-            if box[2] - box[0] + 2 * pad <= cols and box[3] - box[1] + 2 * pad <= rows:
-                return font, candidate, box, pad
-        if size <= 6:
-            raise ValueError(f"image of {cols}x{rows} pixels is too small for the burned-in label {text!r}")
-        size -= 1
-
-
-def _burn_label(pixels: np.ndarray, text: str) -> np.ndarray:
-    """Burn white-on-black ``text`` into the bottom-left corner of a uint16 image."""
-    rows, cols = pixels.shape
-    font, text, (left, top, right, bottom), pad = _label_layout(text, rows, cols)
-    box_w, box_h = right - left + 2 * pad, bottom - top + 2 * pad
-    mask = Image.new("L", (box_w, box_h), 0)
-    ImageDraw.Draw(mask).multiline_text((pad - left, pad - top), text, font=font, fill=255)
-    m = np.asarray(mask) > 127
-    out = pixels.copy()
-    region = out[rows - box_h:, :box_w]
-    region[...] = 0
-    region[m] = _U16_MAX
-    return out
+def source_label(ds: Dataset) -> str:
+    """Short human label of a source image for descriptions: ``"CR series 3 image 1"``."""
+    parts = [str(ds.get("Modality") or "image")]
+    if ds.get("SeriesNumber") not in (None, ""):
+        parts.append(f"series {ds.SeriesNumber}")
+    if ds.get("InstanceNumber") not in (None, ""):
+        parts.append(f"image {ds.InstanceNumber}")
+    return " ".join(parts)
 
 
 def counterfactual_sc(
@@ -263,7 +241,7 @@ def counterfactual_sc(
     context: OutputContext,
     series_number: int,
     positive_label: str = "PNEUMONIA",
-    burn_in_label: bool = True,
+    first_instance_number: int = 1,
 ) -> list[Dataset]:
     """Grey (MONOCHROME2, 16-bit) Secondary Captures, one per step of a counterfactual path.
 
@@ -272,26 +250,33 @@ def counterfactual_sc(
     images:
         the path, each a float array (rows, cols) in [0, 1] at the source
         resolution in display (MONOCHROME2) sense; the last one is the full
-        counterfactual. Stored as ``round(value * 65535)`` with a window
-        covering [0, 65535], so the steps look like the source's display and
-        the detail of 16-bit sources is kept.
+        counterfactual. Stored as ``round(value * 65535)``, exactly: no text is
+        burned in (BurnedInAnnotation NO), so that the stored pixels are the
+        counterfactual a later step re-classifies. That the image is synthetic
+        is said in SeriesDescription ("SYNTHETIC"), ImageComments,
+        DerivationDescription, ImageType (DERIVED/SECONDARY/COUNTERFACTUAL) and
+        on the overlay SC of the same explainer.
     path_probability:
         classifier probability of ``positive_label`` at each step (same length
         as ``images``), or None.
-    burn_in_label:
-        burn "SYNTHETIC ... NOT FOR DIAGNOSTIC USE" into the bottom-left corner
-        (default). These images look like radiographs of the patient but are
-        generated; the label keeps them from being mistaken for acquisitions in
-        any viewer. BurnedInAnnotation says which.
+    first_instance_number:
+        InstanceNumber of step 1; step k gets ``first_instance_number + k - 1``.
+        The pipeline writes the paths of all images of a run into one series
+        (one series per explainer and object kind, PS3.3 C.7.3), numbering
+        image p's T steps ``(p - 1) * T + 1 ... p * T`` in source order.
 
-    All steps go into one new series per source image (so a viewer scrolls the
-    path as a stack), InstanceNumber 1..T in path order.
+    Display: WindowCenter 32768 / WindowWidth 65536 (the full stored range),
+    which shows the steps exactly as ``source.display``, i.e. as the source's
+    own viewer window showed the source. No VOI LUT Function is written: its
+    absence means LINEAR (PS3.3 C.11.2.1.3), and OHIF 3.13's loader rejects an
+    explicit ``LINEAR`` ("Invalid VOI LUT function"), leaving the image white.
     """
     check_source(source)
     context = check_context(context)
     method = check_text("method", method)
     series_number = check_series_number(series_number)
     positive_label = check_text("positive_label", positive_label)
+    first_instance_number = _check_instance_number(first_instance_number, "first_instance_number")
     if isinstance(images, np.ndarray) or not isinstance(images, Sequence):
         raise ValueError('Argument "images" must be a list of 2-D arrays (one per path step).')
     if len(images) == 0:
@@ -313,17 +298,14 @@ def counterfactual_sc(
         source_study_instance_uid=ds.StudyInstanceUID,
         settings_key=context.settings_key,
         kind=COUNTERFACTUAL_KIND,
-        extra=str(ds.SOPInstanceUID),
     )
     spacing = source_pixel_spacing(ds)
     total = len(checked)
-    label = f"SYNTHETIC {method.upper()} COUNTERFACTUAL - {NOT_FOR_DIAGNOSTIC_USE}"
+    of_source = source_label(ds)
     out: list[Dataset] = []
     for i, image in enumerate(checked):
         step = i + 1
         pixels = np.round(image * _U16_MAX).astype(np.uint16)
-        if burn_in_label:
-            pixels = _burn_label(pixels, label)
         sc = _sc(
             source=source,
             pixel_array=pixels,
@@ -341,7 +323,7 @@ def counterfactual_sc(
                 kind=COUNTERFACTUAL_KIND,
                 index=step,
             ),
-            instance_number=step,
+            instance_number=first_instance_number + i,
             pixel_spacing=spacing,
             contribution=f"counterfactual path step {step}/{total} ({method})",
         )
@@ -350,15 +332,15 @@ def counterfactual_sc(
             comment += f", P={probs[i]:.2f}"
         sc.WindowCenter = 32768
         sc.WindowWidth = 65536
-        sc.VOILUTFunction = "LINEAR"
         sc.WindowCenterWidthExplanation = "full range (display of the source)"
-        sc.BurnedInAnnotation = "YES" if burn_in_label else "NO"
+        sc.BurnedInAnnotation = "NO"
         sc.SourceImageSequence = [source_image_item(ds, spatial_locations_preserved="YES")]
         sc.ImageComments = (
-            f"{comment} ({method}); synthetic image generated by medxplain; {NOT_FOR_DIAGNOSTIC_USE}"
+            f"{comment} ({method}) of {of_source}; SYNTHETIC image generated by medxplain; "
+            f"{NOT_FOR_DIAGNOSTIC_USE}"
         )
         description = (
-            f"medxplain {context.software_version} {method}: synthetic counterfactual, "
+            f"medxplain {context.software_version} {method}: synthetic counterfactual of {of_source}, "
             f"step {step} of {total} of the path from the source towards the opposite "
             f"classifier decision (last = full counterfactual)"
         )

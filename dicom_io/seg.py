@@ -19,15 +19,38 @@ viewer yet looks like a result; the pipeline skips the SEG for such a case and
 the SR, which lists only objects that exist, then has no segment reference for
 that explainer.
 
-Source images without usable spacing (RG1_UNCR.dcm has PixelSpacing 0\\0):
-highdicom copies the source PixelSpacing into the SEG's Pixel Measures; a zero
-spacing is invalid, so it is dropped before the source is handed to highdicom
-(Pixel Measures is then absent, which the SEG IOD allows without a Frame of
-Reference).
+Geometry (what OHIF's SEG loader, Cornerstone3D, needs; PS3.3 A.51 and
+C.7.6.16.2): every SEG carries a Frame of Reference, the Plane Orientation and
+Plane Position functional groups and Pixel Measures (PixelSpacing,
+SliceThickness, SpacingBetweenSlices). A projection radiograph (CR/DX) usually
+has no patient coordinate system, so each value comes from the source where it
+has one and is otherwise synthesised, as :func:`seg_geometry` documents:
+
+- ImageOrientationPatient: the source's; else ``1\\0\\0\\0\\1\\0`` (rows along
+  +x, columns along +y), the orientation Cornerstone3D itself assumes for an
+  image without one, so the SEG lies "in plane" with its source there. The
+  source's PatientOrientation (e.g. ``L\\F``), which states the anatomical
+  directions of rows and columns, is copied unchanged and is not turned into
+  direction cosines: a viewer that compared such cosines with its own default
+  for the source would call the SEG oblique and refuse it.
+- ImagePositionPatient: the source's; else ``0\\0\\0``.
+- PixelSpacing: the source's PixelSpacing when valid (RG1_UNCR.dcm has
+  ``0\\0``), else ImagerPixelSpacing, else ``1\\1`` (Cornerstone's default).
+- SliceThickness and SpacingBetweenSlices: the source's SliceThickness, else 1
+  mm. A projection has no slice; one frame on one plane makes both values
+  inert (there is no second frame to space), and OHIF needs them present.
+- FrameOfReferenceUID: the source's; else one derived from the source's SOP
+  Instance UID, shared with nothing else (PositionReferenceIndicator empty).
+
+For a 2-D image none of the synthesised values places the mask anywhere but
+on the source's own pixel grid, which the per-frame DerivationImageSequence
+references explicitly; viewers match the SEG to its source by that reference.
 """
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -46,13 +69,17 @@ from dicom_io.output import (
     check_text,
     contributing_equipment,
     finalize_output,
-    header_only,
     series_description,
+    source_pixel_spacing,
 )
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import derived_uid, instance_uid, series_uid
 
-__all__ = ["saliency_seg", "SEG_KIND", "SEGMENT_LABEL", "SALIENCY_CATEGORY", "saliency_property_type"]
+__all__ = [
+    "saliency_seg", "seg_geometry", "SegGeometry", "SEG_KIND", "SEGMENT_LABEL", "SALIENCY_CATEGORY",
+    "saliency_property_type",
+]
 
 SEG_KIND = "seg"
 SEGMENT_LABEL = "most salient region"
@@ -97,6 +124,71 @@ def _check_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
             "skip the SEG for this case."
         )
     return mask
+
+
+@dataclass(frozen=True)
+class SegGeometry:
+    """Geometry written into a SEG of a 2-D source (see the module docstring).
+
+    ``synthesised`` names the values not taken from the source.
+    """
+
+    frame_of_reference_uid: str
+    image_orientation: tuple[float, float, float, float, float, float]
+    image_position: tuple[float, float, float]
+    pixel_spacing: tuple[float, float]
+    slice_thickness: float
+    synthesised: tuple[str, ...]
+
+
+def _numbers(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        return None
+    return values
+
+
+def seg_geometry(ds: Dataset) -> SegGeometry:
+    """Frame of reference, orientation, position, spacing and thickness for a SEG of ``ds``."""
+    synthesised: list[str] = []
+    orientation = _numbers(ds.get("ImageOrientationPatient"), 6)
+    if orientation is None or not any(orientation[:3]) or not any(orientation[3:]):
+        orientation = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+        synthesised.append("ImageOrientationPatient")
+    position = _numbers(ds.get("ImagePositionPatient"), 3)
+    if position is None:
+        position = (0.0, 0.0, 0.0)
+        synthesised.append("ImagePositionPatient")
+    spacing = source_pixel_spacing(ds)
+    if spacing is None:
+        imager = _numbers(ds.get("ImagerPixelSpacing"), 2)
+        if imager is not None and all(0 < v < 1e6 for v in imager):
+            spacing = imager  # type: ignore[assignment]
+            synthesised.append("PixelSpacing (from ImagerPixelSpacing)")
+        else:
+            spacing = (1.0, 1.0)
+            synthesised.append("PixelSpacing")
+    thickness = _numbers([ds.get("SliceThickness")] if ds.get("SliceThickness") not in (None, "") else None, 1)
+    if thickness is None or thickness[0] <= 0:
+        thickness = (1.0,)
+        synthesised.append("SliceThickness")
+    frame_of_reference = str(ds.get("FrameOfReferenceUID") or "")
+    if not frame_of_reference:
+        frame_of_reference = derived_uid("frame-of-reference", str(ds.SOPInstanceUID))
+        synthesised.append("FrameOfReferenceUID")
+    return SegGeometry(
+        frame_of_reference_uid=frame_of_reference,
+        image_orientation=orientation,  # type: ignore[arg-type]
+        image_position=position,  # type: ignore[arg-type]
+        pixel_spacing=tuple(spacing),  # type: ignore[arg-type]
+        slice_thickness=thickness[0],
+        synthesised=tuple(synthesised),
+    )
 
 
 def saliency_seg(
@@ -157,7 +249,16 @@ def saliency_seg(
         tracking_id=f"{method} most salient region"[:64],
         display_color=hd.color.CIELabColor.from_rgb(255, 64, 0),
     )
-    ref = header_only(ds, drop_invalid_pixel_spacing=True)
+    geometry = seg_geometry(ds)
+    # highdicom takes the PATIENT coordinate system (and writes the Frame of
+    # Reference module and plane functional groups) only for a source with a
+    # frame of reference and a position: hand it a header with the geometry.
+    ref = writer_reference(source, drop_invalid_pixel_spacing=True)
+    ref.FrameOfReferenceUID = geometry.frame_of_reference_uid
+    ref.ImageOrientationPatient = list(geometry.image_orientation)
+    ref.ImagePositionPatient = list(geometry.image_position)
+    ref.PixelSpacing = list(geometry.pixel_spacing)
+    ref.SliceThickness = geometry.slice_thickness
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
         seg = hd.seg.Segmentation(
@@ -190,6 +291,13 @@ def saliency_seg(
                 contributing_equipment(context, description=f"saliency segmentation ({method})")
             ],
             series_description=series_description(SEG_KIND, method),
+            pixel_measures=hd.PixelMeasuresSequence(
+                pixel_spacing=geometry.pixel_spacing,
+                slice_thickness=geometry.slice_thickness,
+                spacing_between_slices=geometry.slice_thickness,
+            ),
         )
+    if "PositionReferenceIndicator" not in seg:
+        seg.PositionReferenceIndicator = None  # Type 2 (Frame of Reference module)
     finalize_output(seg, source=ds, context=context, kind=SEG_KIND, method=method)
     return seg

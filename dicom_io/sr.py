@@ -5,22 +5,35 @@ Document layout (``dsrdump`` shows it in this order)::
     Imaging Measurement Report (TID 1500)
       Language, Observer = DEVICE medxplain <version>, Procedure reported = Plain chest X-ray
       Imaging Measurements
-        Measurement Group "medxplain run" (TID 1501)
-          Algorithm: medxplain <version>, parameters: bundle ..., settings key
-          Total processing time (ms); Source of Measurement -> source image
-        Measurement Group per explainer: TID 1410 when it has a SEG, else TID 1501
+        Measurement Group "classifier on the whole image" (TID 1410)
+          Tracking identifier + UID; Finding = <finding> (e.g. SCT 233604007 "Pneumonia")
+          Algorithm: medxplain <version>, parameters: bundle ..., settings key, explainers
+          Image Region = SCOORD POLYLINE around the whole source image
+          Classifier probability (%), decision threshold (%), total processing time (ms)
+          <finding> = Present | Absent; Decision (text)
+        Measurement Group "<method> salient region" per explainer (TID 1410)
           Tracking identifier + UID (the SEG segment's TrackingUID when there is one)
-          Finding = <finding>  (e.g. SCT 233604007 "Pneumonia")
-          Algorithm: <method> <version>, one "Algorithm Parameters" item per parameter,
-                     plus bundle name/version/sha256 and settings key
-          Referenced Segmentation Frame -> SEG (+ Source Image For Segmentation)
-          Classifier probability, decision threshold          [-> source image]
-          Counterfactual probability                          [-> last counterfactual SC]
-          Processing time (ms), numeric checks
-          <finding> = Present | Absent   (probability >= threshold)
-          Counterfactual decision flipped = Yes | No, boolean checks
-          Decision (text), text checks
-          Visual Explanation (DCM 130401) -> each SC (overlay, counterfactual steps)
+          Finding; Algorithm: <method> <version>, one "Algorithm Parameters" item per
+                   parameter, plus bundle name/version/sha256 and settings key
+          Image Region = SCOORD POLYLINE: the bounding box of the salient region on
+                   the source image (the exact region is the SEG)
+          Classifier probability, decision threshold, counterfactual probability (%),
+          processing time (ms), numeric checks; rounded (probabilities to 0.1 %,
+          times to 1 ms, checks to 4 significant digits)
+          <finding> = Present | Absent; counterfactual decision flipped = Yes | No;
+          boolean checks; Decision (text), text checks
+          labelled references: "Saliency overlay", "Counterfactual image, step k of T"
+          (last: "full counterfactual"), "Segmentation of the most salient region"
+
+Every CONTAINER is ``SEPARATE`` (PS3.3 C.17.3.2.3: its items are separate
+statements), so renderers such as dsr2html list each item on its own line.
+
+Why every group has an image region: OHIF's SR viewport (3.13,
+extensions/cornerstone-dicom-sr) turns every measurement group into a
+"measurement" and places it on the image its first SCOORD references
+(``coords[0].ReferencedSOPSequence``); a group without one crashes the
+viewport. The classifier's result concerns the whole image, so its group
+outlines the whole image.
 
 Every object passed in ``records[*].derived`` and the source image are listed
 in CurrentRequestedProcedureEvidenceSequence (all lie in the source study). The
@@ -59,6 +72,7 @@ from dicom_io.output import (
     is_medxplain_output,
     series_description,
 )
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import derived_uid, instance_uid, series_uid
 
@@ -83,7 +97,7 @@ _KNOWN_FINDINGS = {
     "pneumonia": Code("233604007", "SCT", "Pneumonia"),
 }
 
-_PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+_PROBABILITY_UNIT = Code("%", "UCUM", "percent")
 _NO_UNITS = Code("1", "UCUM", "no units")
 _MILLISECOND = Code("ms", "UCUM", "millisecond")
 _PRESENT = codes.SCT.Present  # (52101004, SCT, "Present")
@@ -100,6 +114,29 @@ _CF_FLIPPED = Code("CFFLIP", PRIVATE_SCHEME, "Counterfactual decision flipped")
 _PROCESSING_TIME = Code("PROCMS", PRIVATE_SCHEME, "Processing time")
 _TOTAL_PROCESSING_TIME = Code("TOTALMS", PRIVATE_SCHEME, "Total processing time")
 _DECISION = Code("DECISION", PRIVATE_SCHEME, "Classifier decision")
+_OVERLAY_REFERENCE = Code("OVERLAY", PRIVATE_SCHEME, "Saliency overlay")
+_SEGMENTATION_REFERENCE = Code("SEGMENTATION", PRIVATE_SCHEME, "Segmentation of the most salient region")
+
+
+def _counterfactual_reference(step: int, total: int) -> Code:
+    """Concept naming one step of a counterfactual path (the last is the full counterfactual)."""
+    meaning = f"Counterfactual image, step {step} of {total}"
+    if step == total:
+        meaning += " (full counterfactual)"
+    return Code(f"CF{step}OF{total}"[:16], PRIVATE_SCHEME, meaning[:64])
+
+
+def _percent(probability: float) -> float:
+    """A probability as a percentage rounded to 0.1 %."""
+    return round(100.0 * float(probability), 1)
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (0 stays 0)."""
+    value = float(value)
+    if value == 0.0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
 
 
 def finding_code(name: str) -> Code:
@@ -128,7 +165,10 @@ class ExplainerRecord:
     explainer's self-checks (numbers, booleans or short texts);
     ``processing_ms`` the explainer's own time; ``derived`` the datasets
     written for it (overlay SC, counterfactual SCs, at most one SEG), exactly
-    as they go to the PACS.
+    as they go to the PACS. ``salient_region`` is the explainer's most salient
+    region, a bool array (rows, cols) on the source grid, or None: then the
+    SEG in ``derived`` gives it, and without a SEG the group's image region is
+    the whole image.
     """
 
     method: str
@@ -142,6 +182,7 @@ class ExplainerRecord:
     checks: dict[str, float | bool | str]
     processing_ms: float
     derived: list[Dataset]
+    salient_region: Any = None
 
 
 def _check_ms(name: str, value: Any) -> float:
@@ -195,6 +236,15 @@ def _validate_record(i: int, record: Any, source: SourceImage) -> ExplainerRecor
                 f'Argument "{name}.checks[{key!r}]" must be a finite number, a bool or a str, got {value!r}.'
             )
     _check_ms(f"{name}.processing_ms", record.processing_ms)
+    if record.salient_region is not None:
+        import numpy as np
+
+        region = record.salient_region
+        if not isinstance(region, np.ndarray) or region.shape != (source.rows, source.columns):
+            raise ValueError(
+                f'Argument "{name}.salient_region" must be None or an array of shape '
+                f"{(source.rows, source.columns)} (the source pixel grid)."
+            )
     if isinstance(record.derived, (Dataset, str, bytes)) or not isinstance(record.derived, Sequence):
         raise ValueError(f'Argument "{name}.derived" must be a list of pydicom Datasets.')
     src = source.dataset
@@ -259,6 +309,83 @@ def _kind(ds: Dataset) -> str:
     return "other"
 
 
+def _region(mask: Any, rows: int, cols: int) -> tuple[Any, bool]:
+    """Closed POLYLINE (column, row) around the True pixels of ``mask``, or the
+    whole image when there are none; and whether it is the whole image.
+
+    SCOORD image coordinates: (0, 0) is the top left corner of the top left
+    pixel (PS3.3 C.18.6.1.2), so a pixel box [r0, r1] x [c0, c1] is outlined by
+    c0..c1 + 1 and r0..r1 + 1.
+    """
+    import numpy as np
+
+    whole = True
+    r0, r1, c0, c1 = 0, rows - 1, 0, cols - 1
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != (rows, cols):
+            raise ValueError(
+                f'Argument "salient_region" must have shape {(rows, cols)} (the source grid), got {m.shape}.'
+            )
+        if m.any():
+            ys, xs = np.nonzero(m)
+            r0, r1, c0, c1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+            whole = False
+    x0, x1, y0, y1 = float(c0), float(c1 + 1), float(r0), float(r1 + 1)
+    points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+    return points, whole
+
+
+def _seg_mask(seg: Dataset) -> Any:
+    """The (single-frame, single-segment) mask of a BINARY SEG as a bool array."""
+    import numpy as np
+
+    pixels = np.asarray(seg.pixel_array)
+    return pixels.reshape(int(seg.Rows), int(seg.Columns)).astype(bool)
+
+
+def _image_region(points: Any, source: Dataset) -> Any:
+    import highdicom as hd
+
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        ),
+    )
+
+
+def _references(record: ExplainerRecord) -> list[Any]:
+    """Labelled IMAGE items: overlay, counterfactual step k of T, segmentation."""
+    import highdicom as hd
+
+    items = []
+    images = [d for d in record.derived if d.SOPClassUID != SEGMENTATION_STORAGE and "Rows" in d]
+    overlays = [d for d in images if _kind(d) == "overlay"]
+    counterfactuals = sorted(
+        (d for d in images if _kind(d) == "counterfactual"), key=lambda d: int(d.get("InstanceNumber", 0))
+    )
+    others = [d for d in images if _kind(d) == "other"]
+    labelled = [(_OVERLAY_REFERENCE, d) for d in overlays]
+    labelled += [
+        (_counterfactual_reference(k + 1, len(counterfactuals)), d) for k, d in enumerate(counterfactuals)
+    ]
+    labelled += [(_VISUAL_EXPLANATION, d) for d in others]
+    labelled += [(_SEGMENTATION_REFERENCE, d) for d in record.derived if d.SOPClassUID == SEGMENTATION_STORAGE]
+    for concept, ds in labelled:
+        items.append(
+            hd.sr.ImageContentItem(
+                name=concept,
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                relationship_type="CONTAINS",
+            )
+        )
+    return items
+
+
 def _group(
     record: ExplainerRecord,
     *,
@@ -282,9 +409,12 @@ def _group(
         tracking_uid = derived_uid(
             "tracking", str(source.SOPInstanceUID), context.settings_key, SR_KIND, record.method, str(index)
         )
-    tracking = hd.sr.TrackingIdentifier(
-        uid=tracking_uid, identifier=f"{record.method} explanation of {finding.meaning}"[:64]
-    )
+    mask = record.salient_region
+    if mask is None and segs:
+        mask = _seg_mask(segs[0])
+    points, whole = _region(mask, int(source.Rows), int(source.Columns))
+    label = f"{record.method} " + ("(no salient region: whole image)" if whole else "salient region")
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label[:64])
     algorithm = hd.sr.AlgorithmIdentification(
         name=record.method,
         version=record.method_version,
@@ -298,11 +428,11 @@ def _group(
     measurements = [
         hd.sr.Measurement(
             name=_CLASSIFIER_PROBABILITY,
-            value=float(record.probability),
+            value=_percent(record.probability),
             unit=_PROBABILITY_UNIT,
             referenced_images=[source_ref],
         ),
-        hd.sr.Measurement(name=_DECISION_THRESHOLD, value=float(record.threshold), unit=_PROBABILITY_UNIT),
+        hd.sr.Measurement(name=_DECISION_THRESHOLD, value=_percent(record.threshold), unit=_PROBABILITY_UNIT),
     ]
     if record.counterfactual_probability is not None:
         refs = None
@@ -317,13 +447,13 @@ def _group(
         measurements.append(
             hd.sr.Measurement(
                 name=_CF_PROBABILITY,
-                value=float(record.counterfactual_probability),
+                value=_percent(record.counterfactual_probability),
                 unit=_PROBABILITY_UNIT,
                 referenced_images=refs,
             )
         )
     measurements.append(
-        hd.sr.Measurement(name=_PROCESSING_TIME, value=float(record.processing_ms), unit=_MILLISECOND)
+        hd.sr.Measurement(name=_PROCESSING_TIME, value=round(float(record.processing_ms)), unit=_MILLISECOND)
     )
     evaluations = [
         hd.sr.QualitativeEvaluation(
@@ -345,63 +475,81 @@ def _group(
         elif isinstance(value, str):
             texts.append(hd.sr.TextContentItem(name=code, value=value, relationship_type="CONTAINS"))
         else:
-            measurements.append(hd.sr.Measurement(name=code, value=float(value), unit=_NO_UNITS))
+            measurements.append(hd.sr.Measurement(name=code, value=_significant(value), unit=_NO_UNITS))
 
-    common = dict(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
+        referenced_region=_image_region(points, source),
         finding_type=finding,
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
-    if segs:
-        seg = segs[0]
-        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            # Built explicitly: highdicom's from_segmentation() looks for the
-            # segment number in the per-frame functional groups only, but a
-            # single-segment SEG carries it in the shared functional groups.
-            referenced_segment=hd.sr.ReferencedSegmentationFrame(
-                sop_class_uid=seg.SOPClassUID,
-                sop_instance_uid=seg.SOPInstanceUID,
-                frame_number=1,
-                segment_number=1,
-                source_image=hd.sr.SourceImageForSegmentation(
-                    referenced_sop_class_uid=source.SOPClassUID,
-                    referenced_sop_instance_uid=source.SOPInstanceUID,
-                ),
-            ),
-            **common,
-        )
-    else:
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(
-            source_images=[
-                hd.sr.SourceImageForMeasurementGroup(
-                    referenced_sop_class_uid=source.SOPClassUID,
-                    referenced_sop_instance_uid=source.SOPInstanceUID,
-                )
-            ],
-            **common,
-        )
     content = group[0].ContentSequence
-    for item in content:
-        # The Image Reference Macro forbids Referenced Segment Number next to
-        # Referenced Frame Number (dciodvfy error); the frame identifies the
-        # segment. highdicom writes both, so drop the segment number.
-        if item.get("ValueType") == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121214":
-            for ref in item.ReferencedSOPSequence:
-                if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
-                    del ref.ReferencedSegmentNumber
     content.extend(texts)
-    for image in sorted(images, key=lambda d: (_kind(d) != "overlay", int(d.get("InstanceNumber", 0)))):
-        content.append(
-            hd.sr.ImageContentItem(
-                name=_VISUAL_EXPLANATION,
-                referenced_sop_class_uid=image.SOPClassUID,
-                referenced_sop_instance_uid=image.SOPInstanceUID,
-                relationship_type="CONTAINS",
-            )
-        )
+    content.extend(_references(record))
     return group
+
+
+def _run_group(
+    records: Sequence[ExplainerRecord], *, source: Dataset, context: OutputContext, finding: Code,
+    total_ms: float,
+) -> Any:
+    """The classifier's result on the whole image and the run's identity and time."""
+    import highdicom as hd
+
+    first = records[0]
+    points, _ = _region(None, int(source.Rows), int(source.Columns))
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid("tracking", str(source.SOPInstanceUID), context.settings_key, SR_KIND, "run"),
+            identifier="medxplain: classifier on the whole image",
+        ),
+        referenced_region=_image_region(points, source),
+        finding_type=finding,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name="medxplain",
+            version=context.software_version,
+            parameters=[
+                f"bundle={context.bundle_description}",
+                f"settings_key={context.settings_key}",
+                "explainers=" + ", ".join(f"{r.method} {r.method_version}" for r in records),
+            ],
+            manufacturer=context.manufacturer,
+        ),
+        measurements=[
+            hd.sr.Measurement(
+                name=_CLASSIFIER_PROBABILITY,
+                value=_percent(first.probability),
+                unit=_PROBABILITY_UNIT,
+                referenced_images=[
+                    hd.sr.SourceImageForMeasurement(
+                        referenced_sop_class_uid=source.SOPClassUID,
+                        referenced_sop_instance_uid=source.SOPInstanceUID,
+                    )
+                ],
+            ),
+            hd.sr.Measurement(name=_DECISION_THRESHOLD, value=_percent(first.threshold), unit=_PROBABILITY_UNIT),
+            hd.sr.Measurement(name=_TOTAL_PROCESSING_TIME, value=round(total_ms), unit=_MILLISECOND),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=finding, value=_PRESENT if first.probability >= first.threshold else _ABSENT
+            )
+        ],
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(name=_DECISION, value=first.decision, relationship_type="CONTAINS")
+    )
+    return group
+
+
+def _separate(items: Any) -> None:
+    """Mark every CONTAINER in the content tree SEPARATE (in place)."""
+    for item in items or []:
+        if item.get("ValueType") == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        _separate(item.get("ContentSequence"))
 
 
 def audit_sr(
@@ -451,7 +599,7 @@ def audit_sr(
                 raise ValueError(f'Argument "records[{i}].derived" repeats instance {uid}.')
             seen.add(uid)
 
-    src = header_only(source.dataset)
+    src = writer_reference(source)
     finding = finding_code(finding_name)
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -466,42 +614,7 @@ def audit_sr(
             observer_type=codes.cid270.Device, observer_identifying_attributes=device
         )
     )
-    run_group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid("tracking", str(src.SOPInstanceUID), context.settings_key, SR_KIND, "run"),
-            identifier="medxplain run",
-        ),
-        finding_type=finding,
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name="medxplain",
-            version=context.software_version,
-            parameters=[
-                f"bundle={context.bundle_description}",
-                f"settings_key={context.settings_key}",
-                "explainers=" + ", ".join(f"{r.method} {r.method_version}" for r in records),
-            ],
-            manufacturer=context.manufacturer,
-        ),
-        measurements=[
-            hd.sr.Measurement(
-                name=_TOTAL_PROCESSING_TIME,
-                value=total_ms,
-                unit=_MILLISECOND,
-                referenced_images=[
-                    hd.sr.SourceImageForMeasurement(
-                        referenced_sop_class_uid=src.SOPClassUID,
-                        referenced_sop_instance_uid=src.SOPInstanceUID,
-                    )
-                ],
-            )
-        ],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=src.SOPClassUID,
-                referenced_sop_instance_uid=src.SOPInstanceUID,
-            )
-        ],
-    )
+    run_group = _run_group(records, source=src, context=context, finding=finding, total_ms=total_ms)
     groups = [run_group] + [
         _group(r, index=i, source=src, context=context, finding=finding) for i, r in enumerate(records)
     ]
@@ -510,6 +623,8 @@ def audit_sr(
         procedure_reported=CHEST_XRAY_PROCEDURE,
         imaging_measurements=groups,
     )
+    report[0].ContinuityOfContent = "SEPARATE"
+    _separate(report[0].ContentSequence)
     evidence = [src] + [header_only(d) for r in records for d in r.derived]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")

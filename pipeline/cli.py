@@ -133,7 +133,8 @@ def explain_command(
         outcomes = explain_paths(engine, files, out, on_file=lambda _: progress.advance(bar))
 
     table = Table(title=f"medxplain — bundle {engine.bundle.spec.name} on {engine.device}",
-                  caption="times are per image: each batch's time divided by its images")
+                  caption="times are per image: its own preprocessing and writing plus an equal share of its "
+                          "batch's model time (--batch-size 1 for fully separate times)")
     for column in ("file", "P(" + engine.bundle.spec.task.positive_label + ")", "decision",
                    *cfg.explainers, "total", "outputs"):
         table.add_column(column)

@@ -38,6 +38,7 @@ class MethodResult:
     counterfactual_probability: float | None = None
     flipped: bool | None = None
     datasets: list[Dataset] = field(default_factory=list)
+    salient_region: np.ndarray | None = None
 
 
 @dataclass
@@ -119,15 +120,24 @@ class Engine:
                 raise ValueError(f"{source.sop_instance_uid}: is medxplain output; it is never explained again")
         results: list[ImageResult] = []
         size = self.config.batch_size
+        positions = source_positions(sources)
         for start in range(0, len(sources), size):
-            results.extend(self._run_batch(sources[start:start + size]))
+            results.extend(self._run_batch(sources[start:start + size], positions[start:start + size]))
         return results
 
-    def _run_batch(self, sources: list[SourceImage]) -> list[ImageResult]:
-        started = time.perf_counter()
-        model_inputs = self.preprocess(sources)
+    def _run_batch(self, sources: list[SourceImage], positions: list[int]) -> list[ImageResult]:
+        """Each image's time is its own (preprocessing, writing its objects and SR)
+        plus an equal share of the batched model work (classifier, explainers)."""
+        own = [0.0] * len(sources)
+        model_inputs = []
+        for i, source in enumerate(sources):
+            t0 = time.perf_counter()
+            model_inputs.append(self.preprocessor(source.display))
+            own[i] += (time.perf_counter() - t0) * 1000.0
+        t0 = time.perf_counter()
         batch = torch.stack([m.as_tensor() for m in model_inputs]).to(self.device)
         probability = self.classify(batch)
+        shared = (time.perf_counter() - t0) * 1000.0 / len(sources)
         per_image: list[list[MethodResult]] = [[] for _ in sources]
         records: list[list[ExplainerRecord]] = [[] for _ in sources]
         outputs = self.config.outputs
@@ -136,33 +146,42 @@ class Engine:
             with self._autocast():
                 explanation = explainer.explain(batch, self.classifier)
             ms_each = (time.perf_counter() - t0) * 1000.0 / len(sources)
+            shared += ms_each
             context = self.context(explainer.settings_key(self.bundle.sha256))
             series = outputs.first_series_number + 10 * (index + 1)
             for i, source in enumerate(sources):
+                t0 = time.perf_counter()
                 result = self._write_method(source, model_inputs[i], explainer, explanation, i,
-                                            float(probability[i]), context, series, ms_each)
+                                            float(probability[i]), context, series, ms_each, positions[i])
+                written = (time.perf_counter() - t0) * 1000.0
+                result.milliseconds += written
+                own[i] += written
                 per_image[i].append(result)
                 records[i].append(ExplainerRecord(
                     method=explainer.name, method_version=explainer.version, parameters=explainer.parameters,
                     probability=float(probability[i]), threshold=explainer.threshold,
                     decision=self.decision(float(probability[i])),
                     counterfactual_probability=result.counterfactual_probability, flipped=result.flipped,
-                    checks=result.checks, processing_ms=result.milliseconds, derived=result.datasets))
-        elapsed_each = (time.perf_counter() - started) * 1000.0 / len(sources)
+                    checks=result.checks, processing_ms=result.milliseconds, derived=result.datasets,
+                    salient_region=result.salient_region))
         results = []
         for i, source in enumerate(sources):
             report = None
+            t0 = time.perf_counter()
             if outputs.report:
                 report = audit_sr(source=source, records=records[i], context=self.report_context(),
                                   series_number=outputs.first_series_number,
-                                  finding_name=self.bundle.spec.task.finding, total_processing_ms=elapsed_each)
+                                  finding_name=self.bundle.spec.task.finding,
+                                  total_processing_ms=own[i] + shared, instance_number=positions[i])
+            own[i] += (time.perf_counter() - t0) * 1000.0
             results.append(ImageResult(source=source, probability=float(probability[i]),
                                        decision=self.decision(float(probability[i])), methods=per_image[i],
-                                       report=report, milliseconds=elapsed_each))
+                                       report=report, milliseconds=own[i] + shared))
         return results
 
     def _write_method(self, source: SourceImage, model_input, explainer: Explainer, explanation, i: int,
-                      probability: float, context: OutputContext, series: int, ms_each: float) -> MethodResult:
+                      probability: float, context: OutputContext, series: int, ms_each: float,
+                      position: int) -> MethodResult:
         outputs = self.config.outputs
         task = self.bundle.spec.task
         checks = dict(explanation.checks[i])
@@ -181,22 +200,43 @@ class Engine:
                 images = [np.clip(source.display + d, 0.0, 1.0) for d in differences]
                 result.datasets += counterfactual_sc(
                     source=source, images=images, path_probability=path_prob, method=explainer.name,
-                    context=context, series_number=series + 2, positive_label=task.positive_label)
+                    context=context, series_number=series + 2, positive_label=task.positive_label,
+                    first_instance_number=(position - 1) * len(images) + 1)
         if outputs.overlay:
             result.datasets.append(overlay_sc(
                 source=source, saliency=saliency, method=explainer.name, probability=probability,
                 decision=self.decision(probability), counterfactual_probability=result.counterfactual_probability,
                 flipped=result.flipped, context=context, series_number=series + 1,
-                positive_label=task.positive_label))
+                positive_label=task.positive_label, instance_number=position))
+        mask = most_salient_region(saliency, outputs.segmentation_top_fraction)
+        result.salient_region = mask if mask.any() else None
         if outputs.segmentation:
-            mask = most_salient_region(saliency, outputs.segmentation_top_fraction)
             if mask.any():
                 result.datasets.append(saliency_seg(
                     source=source, mask=mask, method=explainer.name, context=context, series_number=series + 3,
-                    method_version=explainer.version, parameters=explainer.parameters))
+                    method_version=explainer.version, parameters=explainer.parameters, instance_number=position))
             else:
                 checks["segmentation"] = "saliency map is empty: no SEG written"
         return result
+
+
+def source_positions(sources: list[SourceImage]) -> list[int]:
+    """1-based position of each source in source order (SeriesNumber, InstanceNumber,
+    then as given): the InstanceNumber of its outputs in the run's output series, so
+    that a viewer lists them in the order of the images they explain."""
+
+    def number(value) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return 0
+
+    order = sorted(range(len(sources)), key=lambda i: (
+        number(sources[i].dataset.get("SeriesNumber")), number(sources[i].dataset.get("InstanceNumber")), i))
+    positions = [0] * len(sources)
+    for rank, i in enumerate(order):
+        positions[i] = rank + 1
+    return positions
 
 
 def most_salient_region(saliency: np.ndarray, top_fraction: float) -> np.ndarray:

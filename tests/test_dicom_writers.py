@@ -183,7 +183,8 @@ def test_dsrdump_parses_sr(built, tmp_path):
     assert METHOD in text and "occlusion" in text
     assert SHA in text  # bundle sha256 in full
     assert "Pneumonia" in text and "Present" in text
-    assert "Visual explanation" in text and "Referenced Segmentation Frame" in text
+    assert "Saliency overlay" in text and "Segmentation of the most salient region" in text
+    assert "Counterfactual image, step 3 of 3 (full counterfactual)" in text
     for ds in [built["overlay"], *built["counterfactual"], built["seg"]]:
         assert ds.SOPInstanceUID in text  # each derived object is referenced in the content tree
 
@@ -252,10 +253,10 @@ def test_orientation_and_spacing(built, source):
     if all(v > 0 for v in spacing):
         assert [float(v) for v in built["counterfactual"][0].PixelSpacing] == pytest.approx(spacing)
         assert [float(v) for v in seg_measures[0].PixelSpacing] == pytest.approx(spacing)
-    else:  # RG1: 0\0 is not copied anywhere
+    else:  # RG1: 0\0 is not copied anywhere; the SEG states the synthesised 1\1
         assert "PixelSpacing" not in built["counterfactual"][0]
         assert "PixelSpacing" not in built["overlay"]
-        assert seg_measures is None
+        assert [float(v) for v in seg_measures[0].PixelSpacing] == [1.0, 1.0]
 
 
 def test_laterality(source):
@@ -348,47 +349,57 @@ def test_sr_evidence_lists_every_derived_object(built, source):
 
 
 def test_counterfactual_path_pixels(built, source, tmp_path):
+    """The stored pixels are exactly the counterfactual: no burned-in text, no VOI LUT Function."""
     cfs, path = built["counterfactual"], built["path"]
     assert [int(d.InstanceNumber) for d in cfs] == [1, 2, 3]
     assert len({d.SeriesInstanceUID for d in cfs}) == 1
-    assert "step 2/3, P=0.47" in cfs[1].ImageComments
+    assert "step 2/3, P=0.47" in cfs[1].ImageComments and "SYNTHETIC" in cfs[1].ImageComments
     rows, cols = source.rows, source.columns
-    label_rows = max(60, rows // 20)  # the burned-in "SYNTHETIC ..." label sits bottom-left
     for ds, img in zip(cfs, path):
         assert ds.PhotometricInterpretation == "MONOCHROME2"
         assert ds.BitsAllocated == 16 and ds.BitsStored == 16 and ds.PixelRepresentation == 0
         assert (ds.Rows, ds.Columns) == (rows, cols)
-        assert ds.BurnedInAnnotation == "YES"
+        assert ds.BurnedInAnnotation == "NO"
+        assert "VOILUTFunction" not in ds  # OHIF 3.13 mis-reads an explicit LINEAR
         assert float(ds.WindowCenter) - float(ds.WindowWidth) / 2 <= 0
         assert float(ds.WindowCenter) + float(ds.WindowWidth) / 2 >= 65535
         p = tmp_path / f"cf{ds.InstanceNumber}.dcm"
         ds.save_as(p, enforce_file_format=True)
-        stored = pydicom.dcmread(p).pixel_array
-        expected = np.round(img * 65535).astype(np.uint16)
-        np.testing.assert_array_equal(stored[: rows - label_rows], expected[: rows - label_rows])
-        assert stored[rows - label_rows:, :].max() == 65535  # label text is white
+        np.testing.assert_array_equal(pydicom.dcmread(p).pixel_array, np.round(img * 65535).astype(np.uint16))
     # the disc darkens step by step
     cy, cx = int(rows * 0.45), int(cols * 0.35)
     centre = [int(pydicom.dcmread(tmp_path / f"cf{i}.dcm").pixel_array[cy, cx]) for i in (1, 2, 3)]
     assert centre[0] > centre[1] > centre[2]
 
 
-def test_counterfactual_without_label_is_exact(source):
-    path = _darkened_path(source.display, steps=1)
-    (ds,) = counterfactual_sc(source=source, images=path, method=METHOD, context=_context(),
-                              series_number=7, burn_in_label=False)
-    np.testing.assert_array_equal(ds.pixel_array, np.round(path[0] * 65535).astype(np.uint16))
-    assert ds.BurnedInAnnotation == "NO"
-    assert ds.ImageComments.startswith("counterfactual step 1/1")
+def test_counterfactual_paths_of_several_images_share_one_series(source):
+    """One series per explainer and object kind; image p's steps are numbered (p-1)*T+1..p*T."""
+    path = _darkened_path(source.display, steps=2)
+    first = counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7)
+    second = counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7,
+                               first_instance_number=3)
+    assert [int(d.InstanceNumber) for d in first + second] == [1, 2, 3, 4]
+    assert len({d.SeriesInstanceUID for d in first + second}) == 1
+    with pytest.raises(ValueError, match="first_instance_number"):
+        counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7,
+                          first_instance_number=0)
 
 
 def test_overlay_pixels(built, source):
+    """Text only in the bands added above and below: the image rows are the blended source."""
+    from dicom_io.overlay import overlay_bands
+
     ov = built["overlay"]
     assert ov.PhotometricInterpretation == "RGB" and ov.BurnedInAnnotation == "YES"
-    assert ov.SamplesPerPixel == 3 and ov.Columns == source.columns and ov.Rows > source.rows
-    band = ov.Rows - source.rows
+    assert ov.SamplesPerPixel == 3 and ov.Columns == source.columns
+    band, bottom = overlay_bands(source.rows, source.columns)
+    assert ov.Rows == band + source.rows + bottom
     rgb = ov.pixel_array
-    image = rgb[band:]
+    image = rgb[band:band + source.rows]
+    assert rgb[band + source.rows:].max() == 255  # the warning in the bottom band (red)
+    grey = image[..., 0] == image[..., 1]
+    corner = grey[-source.rows // 10:, -source.columns // 3:]  # where the old watermark sat
+    assert corner.all()
     cy, cx = int(source.rows * 0.45), int(source.columns * 0.33)
     r, g, b = (int(v) for v in image[cy, cx])
     assert r > g + 40 and r > b + 40  # blob centre is red
@@ -515,14 +526,73 @@ def test_small_source_overlay_is_enlarged_so_the_warning_is_never_truncated():
     assert picture.shape[0] > picture.shape[1]
 
 
-@pytest.mark.parametrize("side", [128, 224, 1024])
-def test_the_synthetic_label_fits_small_sources_whole(side):
-    """On a 224 px source the one-line label used to run off the right edge ("...NOT F")."""
-    from dicom_io.sc import _burn_label, _label_layout
+# --------------------------------------------------------------------------- what viewers need
 
-    text = "SYNTHETIC EXAGGERATION COUNTERFACTUAL - NOT FOR DIAGNOSTIC USE"
-    font, laid_out, (left, top, right, bottom), pad = _label_layout(text, side, side)
-    assert right - left + 2 * pad <= side and "NOT FOR DIAGNOSTIC USE" in laid_out
-    burned = _burn_label(np.zeros((side, side), dtype=np.uint16), laid_out)
-    lit_columns = np.flatnonzero(burned.any(axis=0))
-    assert lit_columns.size and lit_columns.max() < side - 1  # ends inside the image, with its margin
+
+def _walk(items):
+    for item in items or []:
+        yield item
+        yield from _walk(item.get("ContentSequence"))
+
+
+def test_seg_geometry_for_viewers(built, source):
+    """Plane Orientation/Position and Pixel Measures with SliceThickness and SpacingBetweenSlices
+    (OHIF's SEG loader reads them; dciodvfy wants SliceThickness, Type 1C, with a frame of reference)."""
+    seg = built["seg"]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    measures = shared.PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == 1.0 and float(measures.SpacingBetweenSlices) == 1.0
+    position = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    assert [float(v) for v in position] == [0, 0, 0]
+    assert seg.FrameOfReferenceUID  # synthesised: these CR sources have none
+    assert seg.FrameOfReferenceUID != source.dataset.get("FrameOfReferenceUID")
+
+
+def test_seg_on_a_dx_with_frame_of_reference(tmp_path):
+    """issue 11 kind 3: the DX case's SEG lacked SliceThickness (Type 1C) -> dciodvfy error."""
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "dicom-cases" / "dx_frame_of_reference_pixel_spacing.dcm"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    source = _read(path)
+    seg = saliency_seg(source=source, mask=_blob(source.rows, source.columns) > 0.6, method=METHOD,
+                       context=_context(), series_number=903)
+    assert seg.FrameOfReferenceUID == source.dataset.FrameOfReferenceUID
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.336, 0.336]
+    out = tmp_path / "seg.dcm"
+    seg.save_as(out, enforce_file_format=True)
+    errors, _ = dciodvfy(out)
+    assert errors == [], "\n".join(errors)
+
+
+def test_sr_for_viewers(built, source):
+    """SEPARATE containers; every measurement group outlines a region on the source (OHIF's SR
+    viewport places each group by its SCOORD); probabilities in % to 0.1, times to 1 ms."""
+    sr = built["sr"]
+    items = list(_walk(sr.ContentSequence))
+    containers = [sr, *(i for i in items if i.ValueType == "CONTAINER")]
+    assert all(c.ContinuityOfContent == "SEPARATE" for c in containers)
+    measurements = [i for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "CONTAINER"]
+    assert len(measurements) == 3  # classifier on the whole image, gradcam, occlusion
+    for group in measurements:
+        scoords = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        assert len(scoords) == 1 and scoords[0].GraphicType == "POLYLINE"
+        ref = scoords[0].ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.dataset.SOPInstanceUID
+    # gradcam: the box around the written mask (SCOORD: column\row, pixel corners)
+    ys, xs = np.nonzero(built["mask"])
+    gradcam = [i for i in measurements[1].ContentSequence if i.ValueType == "SCOORD"][0]
+    assert [float(v) for v in gradcam.GraphicData][:4] == [xs.min(), ys.min(), xs.max() + 1, ys.min()]
+    numbers = {i.ConceptNameCodeSequence[0].CodeMeaning: i.MeasuredValueSequence[0]
+               for i in _walk(measurements[1].ContentSequence) if i.ValueType == "NUM"}
+    assert float(numbers["Classifier probability of finding"].NumericValue) == 93.0
+    assert numbers["Classifier probability of finding"].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    assert float(numbers["Processing time"].NumericValue) == 812.0  # 812.5 rounded to whole ms
+    labels = [i.ConceptNameCodeSequence[0].CodeMeaning for i in measurements[1].ContentSequence
+              if i.ValueType == "IMAGE"]
+    assert labels == ["Saliency overlay", "Counterfactual image, step 1 of 3",
+                      "Counterfactual image, step 2 of 3", "Counterfactual image, step 3 of 3 (full counterfactual)",
+                      "Segmentation of the most salient region"]
