@@ -51,6 +51,11 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
+def plain_tensor(images: torch.Tensor) -> torch.Tensor:
+    """The pixels of a MONAI MetaTensor (what MONAI transforms return) as a plain tensor."""
+    return images.as_tensor() if hasattr(images, "as_tensor") else images
+
+
 def to_working(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """(B, C, H, W) area-resampled to (size, size), a network's working size; unchanged
     when ``size`` is None or already the images' size."""

@@ -32,7 +32,7 @@ from monai.transforms import RandAffine
 from monai.utils import set_determinism
 from torch import nn
 
-from explainers._helpers import as_float
+from explainers._helpers import as_float, plain_tensor
 from explainers.checkpoints import EpochCheckpoints
 
 #: Settings fields that may change between a run and its resumption.
@@ -83,9 +83,10 @@ class TrainingSettings:
         return {(f.name if f.metadata["explainer"] is True else f.metadata["explainer"]): getattr(self, f.name)
                 for f in fields(self) if f.metadata.get("explainer")}
 
-    def fingerprint_settings(self) -> dict[str, Any]:
-        """What a checkpoint must share with a later run to be resumed."""
-        skip = set(RESUMABLE_CHANGES) | {f.name for f in fields(self) if f.metadata.get("explainer")}
+    def fingerprint_settings(self, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> dict[str, Any]:
+        """What a checkpoint must share with a later run to be resumed: every setting
+        except those in ``resumable`` and the explainer parameters."""
+        skip = set(resumable) | {f.name for f in fields(self) if f.metadata.get("explainer")}
         return {k: v for k, v in self.as_dict().items() if k not in skip}
 
 
@@ -103,11 +104,6 @@ def augmentation(settings: TrainingSettings) -> RandAffine:
                       translate_range=(settings.translate, settings.translate), padding_mode="border")
 
 
-def _plain(image: torch.Tensor) -> torch.Tensor:
-    # MONAI transforms return MetaTensors; the loop only needs the pixels.
-    return image.as_tensor() if hasattr(image, "as_tensor") else image
-
-
 def augmented_batches(images: torch.Tensor, *, epoch: int, seed: int, batch_size: int, augment: RandAffine,
                       device: str) -> Iterator[torch.Tensor]:
     """One epoch of augmented batches (B, C, H, W) in [0, 1]. Everything random derives
@@ -118,7 +114,7 @@ def augmented_batches(images: torch.Tensor, *, epoch: int, seed: int, batch_size
     augment.set_random_state(seed=epoch_seed)
     for start in range(0, len(images), batch_size):
         index = order[start:start + batch_size]
-        yield torch.stack([_plain(augment(as_float(images[i]))) for i in index]).clamp(0, 1).to(device)
+        yield torch.stack([plain_tensor(augment(as_float(images[i]))) for i in index]).clamp(0, 1).to(device)
 
 
 def adam(network: nn.Module, learning_rate: float, betas: tuple[float, float]) -> torch.optim.Adam:
@@ -143,6 +139,7 @@ class Trainer(ABC):
     selection: ClassVar[str]
     needs_classifier: ClassVar[bool] = True  # does training use the bundle's classifier?
     progress_keys: ClassVar[tuple[str, ...]] = ()  # running losses the progress line shows
+    resumable_changes: ClassVar[tuple[str, ...]] = RESUMABLE_CHANGES  # settings a resumed run may change
 
     def __init__(self, settings: TrainingSettings, train_images: torch.Tensor, val_images: torch.Tensor):
         """``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
@@ -207,7 +204,8 @@ class Trainer(ABC):
         """The networks, the training set size and every setting except epochs, device
         and explainer parameters: a checkpoint resumes only for the same."""
         return json.dumps({**{name: net.config() for name, net in self.networks().items()},
-                           "n_train": self.n_train(), **self.settings.fingerprint_settings()}, sort_keys=True)
+                           "n_train": self.n_train(), **self.settings.fingerprint_settings(self.resumable_changes)},
+                          sort_keys=True)
 
     # -- the bundle ------------------------------------------------------------------
 
