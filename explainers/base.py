@@ -24,6 +24,9 @@ Check = float | bool | str
 
 @dataclass
 class Explanation:
+    """What every method returns (DESIGN.md "The explainer interface"); shapes are
+    checked on construction (ValueError naming the field)."""
+
     probability: torch.Tensor  # (B,) P(positive) of the input
     saliency: torch.Tensor  # (B, H, W) in [0, 1]: where the evidence lies
     counterfactuals: torch.Tensor | None = None  # (B, T, C, H, W); last step = full counterfactual
@@ -139,6 +142,7 @@ def _registry() -> dict[str, Callable[..., Explainer]]:
 
 
 def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator: register an ``Explainer`` under ``name`` (ValueError if taken)."""
     def decorate(cls: type[Explainer]) -> type[Explainer]:
         if name in _REGISTRY:
             raise ValueError(f"explainer {name!r} registered twice")
@@ -204,4 +208,5 @@ def threshold_logit(threshold: float) -> float:
 
 
 def decision_signs(probability: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) +1.0 for cases called positive (P >= threshold), -1.0 for the others."""
     return torch.where(probability >= threshold, 1.0, -1.0)

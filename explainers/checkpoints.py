@@ -16,6 +16,8 @@ import torch
 
 @dataclass
 class TrainingState:
+    """Where a run stands: the next epoch, the best so far and the log rows."""
+
     start_epoch: int = 0
     best_epoch: int = -1
     best_key: tuple[float, ...] | None = None
@@ -27,6 +29,8 @@ class TrainingState:
 
 
 class EpochCheckpoints:
+    """last.ckpt and best.ckpt of one training folder, refused for another setup (``fingerprint``)."""
+
     def __init__(self, directory: Path, fingerprint: str, parts: dict[str, Any], best_parts: tuple[str, ...]):
         """``parts``: name -> module or optimiser (anything with state_dict / load_state_dict);
         ``best_parts``: the names whose weights best.ckpt keeps."""
@@ -34,6 +38,8 @@ class EpochCheckpoints:
         self.last, self.best = directory / "last.ckpt", directory / "best.ckpt"
 
     def resume(self) -> TrainingState:
+        """Load last.ckpt into the parts (ValueError if written for another setup);
+        a fresh state when there is none."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.last.exists():
             if self.best.exists():
@@ -68,6 +74,7 @@ class EpochCheckpoints:
         return improved
 
     def load_best(self) -> None:
+        """Load best.ckpt's parts (a no-op when no epoch finished)."""
         if self.best.exists():
             saved = torch.load(self.best, weights_only=True)
             for name in self.best_parts:

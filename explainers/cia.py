@@ -173,6 +173,16 @@ class CiaExplainer(Explainer):
                  search_steps: int = 60, learning_rate: float = 0.4, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 3.0, mask_size: int = 16,
                  initial_mask: float = 0.1, threshold: float = 0.5):
+        """Major et al. 2020 (method section: the mask objective with area and total
+        variation terms), in both directions (see the module docstring).
+
+        ``fill_negative`` / ``fill_positive``: the trained ``Inpainter`` of each class.
+        ``steps`` >= 1: images on the path scaling the mask from 0 to m. ``search_steps``,
+        ``learning_rate``, ``tolerance``, ``patience``: the per-image Adam budget.
+        ``margin`` >= 0 (logits), ``area_weight`` (lambda1) >= 0, ``tv_weight`` (lambda2)
+        >= 0, ``mask_size`` >= 2 (side of the mask's logit grid), ``initial_mask`` in
+        (0, 1). Raises ValueError for values out of these ranges.
+        """
         if int(steps) < 1:
             raise ValueError(f"cia steps must be >= 1, got {steps}")
         if int(mask_size) < 2:
@@ -205,6 +215,13 @@ class CiaExplainer(Explainer):
         return out
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Per-image mask search: saliency (B, H, W) in [0, 1] = the mask; counterfactuals
+        (B, steps, C, H, W), the last the infilled image; checks: flipped,
+        counterfactual_probability, proximity_l1, steps_used, goal_reached, mask_area,
+        inpainting_l1, fill ("negative" / "positive": which inpainter filled).
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         device = images.device
         self.fill_negative.to(device).eval().requires_grad_(False)
         self.fill_positive.to(device).eval().requires_grad_(False)

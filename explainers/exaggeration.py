@@ -47,6 +47,7 @@ def bin_of(probability: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 def bin_centre(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """The posterior at the centre of bin ``index`` of ``bins``: (k + 0.5) / K."""
     return (index.float() + 0.5) / bins
 
 
@@ -182,6 +183,13 @@ class ExaggerationExplainer(Explainer):
 
     def __init__(self, *, generator: ConditionalGenerator, steps: int = 10, smoothing_sigma: float = 2.0,
                  threshold: float = 0.5):
+        """Singla et al. 2021/2023 (method section: the conditional generator and the
+        progressive sweep of the requested posterior).
+
+        ``generator``: the trained ``ConditionalGenerator``. ``steps`` >= 2: images on
+        the path from f(x) to the other class (the paper's K bins). ``smoothing_sigma``
+        >= 0: pixels. ``threshold`` in [0, 1]. Raises ValueError otherwise.
+        """
         if int(steps) < 2:
             raise ValueError(f"exaggeration steps must be >= 2 (start and end of the path), got {steps}")
         if smoothing_sigma < 0:
@@ -191,6 +199,15 @@ class ExaggerationExplainer(Explainer):
         self.steps, self.smoothing_sigma = int(steps), float(smoothing_sigma)
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Sweeps the requested posterior c_t from f(x) to the far side of the threshold
+        (``sweep_targets``): counterfactuals (B, steps, C, H, W) = G(x, bin(c_t)), the last
+        the full counterfactual; path_probability (B, steps); saliency (B, H, W) in [0, 1]
+        = smoothed |G(x, c_T) - G(x, c_0)|; checks: flipped, counterfactual_probability,
+        proximity_l1, requested_probability, reconstruction_l1, posterior_tracking_mae,
+        monotone_fraction.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         generator = self.generator.to(images.device).eval()
         batch, steps, bins = images.shape[0], self.steps, generator.bins
         with torch.no_grad():

@@ -138,6 +138,17 @@ class GvrExplainer(Explainer):
                  search_steps: int = 60, learning_rate: float = 0.1, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, similarity_weight: float = 2.0, max_shift: float = 3.0,
                  smoothing_sigma: float = 4.0, threshold: float = 0.5):
+        """Seah et al. 2018/2019 (methods: generative visual rationales, the latent search).
+
+        ``autoencoder``: the trained ``GvrAutoEncoder``. ``mode``: "optimise" (per-image
+        Adam, the paper's) or "gradient_shift" (one gradient, a grid of shifts).
+        ``steps`` >= 1: images on the path z0 -> z*. ``search_steps``, ``learning_rate``,
+        ``tolerance``, ``patience``: the search budget (``explainers.optimise.SearchBudget``).
+        ``margin`` >= 0: logits by which the counterfactual must cross the threshold.
+        ``similarity_weight`` >= 0: weight of mean |D(z) - D(z0)|. ``max_shift`` > 0:
+        largest gradient shift (RMS per latent element). ``smoothing_sigma`` >= 0: pixels.
+        Raises ValueError for values out of these ranges.
+        """
         if mode not in MODES:
             raise ValueError(f"gvr mode must be one of {', '.join(MODES)}, got {mode!r}")
         if int(steps) < 1:
@@ -209,6 +220,13 @@ class GvrExplainer(Explainer):
         return best, used
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Per-image latent search: rationale D(z0) - D(z*) as saliency (B, H, W) in [0, 1];
+        counterfactuals (B, steps, C, H, W) = x + up(D(z_t) - D(z0)); checks: flipped,
+        counterfactual_probability, proximity_l1, steps_used, reconstruction_l1,
+        latent_shift, mode.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         ae = self.autoencoder.to(images.device).eval()
         batch, steps = images.shape[0], self.steps
         networks = [*classifier.parameters(), *ae.parameters()]

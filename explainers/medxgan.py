@@ -155,6 +155,17 @@ class _MedxganBase(Explainer):
                  learning_rate: float = 0.02, tolerance: float = 1e-3, patience: int = 10,
                  probability_weight: float = 0.1, negative_scale: float = 1.0, steps: int = 8,
                  smoothing_sigma: float = 2.0, threshold: float = 0.5):
+        """Dravid et al. 2022 (method section: inversion and the pathology-code walk).
+
+        ``generator`` / ``encoder``: the trained networks (the encoder is needed for
+        ``inversion="encoder"``, the fast route; "optimise" is the official zero start
+        with ``official_steps`` Adam steps). ``inversion_steps``, ``learning_rate``,
+        ``tolerance``, ``patience``: the refinement budget. ``probability_weight`` >= 0:
+        weight of matching the classifier's probability while inverting.
+        ``negative_scale``: length of the walk for cases called negative, in
+        sqrt(dim z2). ``steps`` >= 2: images on the walk. ``smoothing_sigma``: pixels.
+        Raises ValueError for an unknown inversion, a missing encoder or steps < 2.
+        """
         if inversion not in ("encoder", "optimise"):
             raise ValueError(f"medxgan inversion must be 'encoder' or 'optimise', got {inversion!r}")
         if inversion == "encoder" and encoder is None:
@@ -238,6 +249,13 @@ class MedxganExplainer(_MedxganBase):
     """saliency = smoothed |G(z1, z2) - G(z1, z2_end)|; counterfactuals = the walk z2 -> z2_end."""
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Inversion and walk: saliency (B, H, W) in [0, 1] = smoothed |G(z) - G(z_end)|
+        upsampled; counterfactuals (B, steps, C, H, W) = x + up(G(z_t) - G(z)); checks:
+        flipped, counterfactual_probability, proximity_l1, steps_used, inversion,
+        inversion_l1, pathology_code_norm, latent_shift.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         probability, z, z_end, search, inversion_l1 = self._walk(images, classifier)
         alphas = torch.arange(1, self.steps + 1, device=images.device, dtype=images.dtype) / self.steps
         with torch.no_grad():
@@ -261,6 +279,8 @@ class MedxganIGExplainer(_MedxganBase):
     """
 
     def __init__(self, *, ig_steps: int = 32, **kwargs: Any):
+        """``ig_steps`` >= 2: trapezoid steps along the walk (Sundararajan et al. 2017,
+        path method); the other settings as ``MedxganExplainer``. Raises ValueError."""
         if int(ig_steps) < 2:
             raise ValueError(f"medxgan_ig ig_steps must be >= 2, got {ig_steps}")
         super().__init__(**kwargs)
@@ -293,6 +313,10 @@ class MedxganIGExplainer(_MedxganBase):
         return attributions, gap
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """As ``MedxganExplainer.explain``, with saliency = the positive part of the
+        integrated gradients along the walk; extra checks: attribution_sum, score_gap,
+        completeness_relative (|sum - gap| / |gap|: the quadrature error).
+        """
         probability, z, z_end, search, inversion_l1 = self._walk(images, classifier)
         sign = decision_signs(probability, self.threshold)
         attributions, gap = self.attribute(images, classifier, z, z_end, sign)

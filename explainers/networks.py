@@ -33,6 +33,7 @@ DEFAULT_CAM_LAYER: dict[str, str] = {
 
 
 def build_network(architecture: str, parameters: dict[str, Any]) -> nn.Module:
+    """``ARCHITECTURES[architecture](**parameters)``; ValueError naming the known ones."""
     if architecture not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"unknown classifier architecture {architecture!r}; known: {known}")
@@ -66,6 +67,7 @@ class BinaryClassifier(nn.Module):
 
     @torch.no_grad()
     def probability(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) P(positive) in [0, 1]."""
         return torch.sigmoid(self(images))
 
 

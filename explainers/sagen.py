@@ -94,6 +94,14 @@ class SagenExplainer(Explainer):
 
     def __init__(self, *, generator: SagenGenerator, steps: int = 1, smoothing_sigma: float = 2.0,
                  threshold: float = 0.5):
+        """Charachon et al. 2020 (method section: the similar and adversarial generators).
+
+        ``generator``: the trained two-headed ``SagenGenerator`` (put in eval mode).
+        ``steps`` >= 1: images on the path S(x) -> A(x) (1: A(x) alone). ``smoothing_sigma``
+        >= 0: Gaussian smoothing of the saliency, in pixels of the input. ``threshold``:
+        the bundle's decision threshold on P(positive), in [0, 1]. Raises ValueError for
+        steps < 1 or a negative sigma.
+        """
         if int(steps) < 1:
             raise ValueError(f"sagen steps must be >= 1, got {steps}")
         if smoothing_sigma < 0:
@@ -103,6 +111,13 @@ class SagenExplainer(Explainer):
         self.steps, self.smoothing_sigma = int(steps), float(smoothing_sigma)
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """One generator pass: saliency (B, H, W) in [0, 1] = smoothed |S(x) - A(x)|;
+        counterfactuals (B, steps, C, H, W), the last A(x); path_probability (B, steps);
+        checks: flipped, counterfactual_probability, proximity_l1 (explainers.validity),
+        similar_l1, similar_probability, similar_kept_class.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         generator = self.generator.to(images.device).eval()
         batch, steps = images.shape[0], self.steps
         with torch.no_grad():

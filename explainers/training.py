@@ -92,6 +92,8 @@ class TrainingSettings:
 
 @dataclass
 class TrainingResult:
+    """What ``fit`` returns."""
+
     best_epoch: int  # 0-based; -1 when no epoch ran
     validation: dict[str, float]  # the best epoch's weights, validated again at the end
     log: list[dict[str, float]] = field(default_factory=list)  # one row per epoch (the CSV log)
@@ -118,6 +120,7 @@ def augmented_batches(images: torch.Tensor, *, epoch: int, seed: int, batch_size
 
 
 def adam(network: nn.Module, learning_rate: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam over the network's parameters (every trainer's optimiser but the classifier's)."""
     return torch.optim.Adam(network.parameters(), lr=learning_rate, betas=betas)
 
 
@@ -253,6 +256,7 @@ class RunningMeans:
 
 
 def write_log(rows: list[dict[str, float]], path: Path) -> None:
+    """The per-epoch log as CSV (epoch as an integer, NaN as empty, 6 decimals)."""
     if not rows:
         return
     with open(path, "w", newline="") as handle:
