@@ -64,6 +64,8 @@ class MatchRule(_Strict):
     sop_class_uids: list[str] = Field(default_factory=list)
     body_parts: list[str] = Field(default_factory=list, description="BodyPartExamined values, e.g. [CHEST]")
     view_positions: list[str] = Field(default_factory=list, description="ViewPosition values, e.g. [PA, AP]")
+    for_processing: bool = Field(False, description="also explain raw detector data (DX/MG/IO 'For Processing'); "
+                                 "off: such images are skipped with reason for_processing")
     bundle: Path | None = Field(None, description="bundle for matching images (default: the top-level bundle)")
     explainers: list[str] | None = Field(None, description="methods for matching images (default: top level)")
 

@@ -607,6 +607,8 @@ class Worker:
                 continue
             state.redactor.add_dataset(source.dataset)
             audit.seen += 1
+            for note in source.warnings:  # the reader's decisions on doubtful headers, by code
+                audit.warnings[note.split(":", 1)[0]] += 1
             audit.profiles[f"{engine.bundle.spec.name}:{'+'.join(engine.config.explainers)}"] += 1
             _, key = self.profile(rule)
             batch = state.pending.setdefault(key, [])
@@ -631,16 +633,24 @@ class Worker:
 
     def _explain(self, state: _JobState, engine: "Engine", sources: list["SourceImage"]) -> list["ImageResult"]:
         """Run a batch; if it fails, run its images one by one so that one bad image
-        does not hold back the others (its error fails the job afterwards: retried)."""
+        does not hold back the others. An image that fails deterministically (a typed
+        refusal, a writer error: the same input fails the same way) is recorded for
+        that image and the job goes on; any other error fails the job afterwards
+        (retried with back-off)."""
         try:
             return engine.run(sources)
         except Exception as exc:
             if len(sources) == 1:
                 label = hash_text(sources[0].sop_instance_uid)
+                reason = deterministic_failure(exc)
                 message = state.redactor.scrub(f"explain_failed ({label}): {type(exc).__name__}: {exc}")
-                state.errors.append(message)
-                state.audit.failed += 1
-                logger.error("job %s: %s", state.job.id[:8], message)
+                if reason is None:
+                    state.errors.append(message)
+                    state.audit.failed += 1
+                else:
+                    state.audit.fail(label, reason)
+                logger.error("job %s: %s%s", state.job.id[:8], message,
+                             "" if reason is None else f" (deterministic, {reason}: not retried)")
                 return []
             logger.warning("job %s: a batch of %d failed (%s); running its images one by one",
                            state.job.id[:8], len(sources), type(exc).__name__)
@@ -674,6 +684,23 @@ def _classify(exc: BaseException) -> str:
         status = getattr(exc, "status", None)
         return "unavailable" if status is None or 0xA700 <= status <= 0xA7FF else "retry"
     return "retry"
+
+
+def deterministic_failure(exc: BaseException) -> str | None:
+    """The stable reason code of a per-image failure that a retry would repeat, else None.
+
+    Typed refusals (``DicomInputError``) give their own code; errors of the data
+    (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError),
+    which the writers raise for values they cannot write, give
+    ``explain_failed:<type>``. Environment errors (memory, device, I/O) may pass:
+    None, the job is retried.
+    """
+    if isinstance(exc, DicomInputError):
+        return exc.reason
+    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError)) \
+            and not isinstance(exc, (OSError, MemoryError)):
+        return f"explain_failed:{type(exc).__name__}"
+    return None
 
 
 def _expected(exc: BaseException) -> bool:

@@ -28,7 +28,8 @@ from explainers.medxgan import (
     invert,
 )
 from explainers.optimise import SearchBudget
-from explainers.train_medxgan import MedxganTrainingConfig, train_medxgan
+from explainers.train_medxgan import MedxganTrainer, MedxganTrainingConfig
+from explainers.training import fit
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     BOX, DEMO_BUNDLE, SIZE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
@@ -222,24 +223,25 @@ def test_bad_settings_are_refused():
 
 # -- training ----------------------------------------------------------------------------
 
+def train_medxgan(generator, encoder, classifier, train, val, config, directory):
+    return fit(MedxganTrainer(config, generator, encoder, classifier, train, val), directory)
+
+
 def _tiny_config(epochs: int) -> MedxganTrainingConfig:
-    return MedxganTrainingConfig(epochs=epochs, batch_size=8, threshold=0.5, validation_images=4)
+    return MedxganTrainingConfig(epochs=epochs, batch_size=8, threshold=0.5, validation_images=4,
+                                 inversion_steps=3, steps=2)
 
 
 def test_training_runs_logs_and_resumes_bit_identically(tmp_path):
     train, _ = box_images(16, seed=0)
     val, _ = box_images(4, seed=1)
     classifier = BoxClassifier()
-    settings = {"inversion_steps": 3, "steps": 2}
 
-    first = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(1), tmp_path / "a",
-                          explainer_parameters=settings)
+    first = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(1), tmp_path / "a")
     assert first.log[0]["epoch"] == 0.0 and {"loss_g", "loss_d", "loss_e", "val_flip_rate"} <= set(first.log[0])
-    second = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "a",
-                           explainer_parameters=settings)
+    second = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "a")
     assert [r["epoch"] for r in second.log] == [0.0, 1.0] and second.log[0] == first.log[0]
-    train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "b",
-                  explainer_parameters=settings)
+    train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "b")
     last_a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     last_b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     for part in ("generator", "encoder"):

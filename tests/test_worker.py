@@ -244,8 +244,14 @@ def test_stop_request_releases_the_job_and_a_rerun_finishes_it(tmp_path, bundle_
 
 
 @pytest.mark.slow
-def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bundle_dir, cr_jpeg, cr_16bit):
-    cfg = make_config(tmp_path, bundle_dir)
+@pytest.mark.parametrize("error, outcome", [(ValueError, "done"), (RuntimeError, "pending")],
+                         ids=["deterministic", "transient"])
+def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bundle_dir, cr_jpeg, cr_16bit,
+                                                                    error, outcome):
+    """A writer-style error (ValueError) is recorded for that image and not retried; an
+    environment-style error (RuntimeError: device, memory) fails the job for a retry.
+    Either way the study's other image is explained and delivered."""
+    cfg = make_config(tmp_path, bundle_dir, queue={"backoff_s": 3600, "backoff_max_s": 3600})  # no re-lease here
     queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
@@ -260,17 +266,22 @@ def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bu
 
     def run(sources):  # the engine raising on one image (whose UID its message quotes)
         if any(s.sop_instance_uid == poison for s in sources):
-            raise ValueError(f"{poison}: cannot explain this one")
+            raise error(f"{poison}: cannot explain this one")
         return real_run(sources)
 
     engine.run = run
-    assert worker.run_once() == ["pending"]
+    assert worker.run_once() == [outcome]
     job = queue.get(job_id)
-    assert job.last_error.startswith("ImagesFailed: 1 image(s) could not be explained; first: explain_failed")
-    assert poison not in job.last_error and f"uid:{hash_text(poison)}" in job.last_error
     assert len(list(out.rglob("SR-*.dcm"))) == 1  # the other image was explained and delivered
     line = AuditLog(cfg.worker.audit_log).read()[-1]
     assert line["instances"]["failed"] == 1 and line["instances"]["explained"] == 1 and poison not in str(line)
+    if outcome == "done":
+        assert job.attempts == 1 and job.result["failures"] == [
+            {"instance": hash_text(poison), "reason": "explain_failed:ValueError"}]
+        assert line["failures"] == job.result["failures"]
+    else:
+        assert job.last_error.startswith("ImagesFailed: 1 image(s) could not be explained; first: explain_failed")
+        assert poison not in job.last_error and f"uid:{hash_text(poison)}" in job.last_error
 
 
 @pytest.mark.slow
