@@ -346,6 +346,22 @@ def test_cstore_delivery_from_the_dicom_node_spool(tmp_path, bundle_dir, cr_jpeg
     job = queue.get(again)
     assert job.last_error.startswith("DeliveryError") and job.attempts == 0 and job.unavailable_since is not None
     assert worker.outage_pause_s == cfg.queue.backoff_s
+    # Down for longer than the whole retry budget (3 attempts): still waiting, nothing spent.
+    for _ in range(2 * cfg.queue.max_attempts):
+        queue.clock.advance(worker.outage_pause_s)
+        assert worker.run_once() == ["pending"]
+    assert queue.get(again).attempts == 0 and queue.get(again).state == "pending"
+    # The PACS is back on the same port: the job goes through and the outage ends.
+    received.clear()
+    scp = network.StorageSCP(ae_title="PACS", host="127.0.0.1", port=port, allowed_calling_ae_titles=["MEDXPLAIN"],
+                             on_store=on_store)
+    scp.start()
+    try:
+        queue.clock.advance(worker.outage_pause_s)
+        assert worker.run_once() == ["done"]
+    finally:
+        scp.stop()
+    assert len(received) == 3 and queue.get(again).attempts == 1 and worker.outage_pause_s == 0
 
 
 def test_permanent_failures_go_dead_at_once_with_the_reason(tmp_path, bundle_dir):
