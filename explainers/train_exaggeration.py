@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainers._helpers import frozen, to_working, working_size
+from explainers._helpers import to_working, working_size
 from explainers.exaggeration import ConditionalGenerator, ExaggerationExplainer, ProjectionCritic, bin_centre, bin_of
-from explainers.training import Trainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
+from explainers.training import AdversarialTrainer, TrainingSettings, explainer_parameter, from_bundle, option
 from explainers.validity import evaluate_explainer
 
 
@@ -55,7 +55,7 @@ class ExaggerationTrainingConfig(TrainingSettings):
     smoothing_sigma: float = explainer_parameter(2.0, "Gaussian smoothing of the saliency map, pixels")
 
 
-class ExaggerationTrainer(Trainer):
+class ExaggerationTrainer(AdversarialTrainer):
     """The conditional generator G(x, k) against a frozen ``classifier``."""
 
     name = "exaggeration"
@@ -67,25 +67,10 @@ class ExaggerationTrainer(Trainer):
     def __init__(self, settings: ExaggerationTrainingConfig, generator: ConditionalGenerator, classifier: nn.Module,
                  train_images: torch.Tensor, val_images: torch.Tensor, *,
                  discriminator: ProjectionCritic | None = None):
-        super().__init__(settings, train_images, val_images)
-        s = settings
-        self.discriminator = discriminator if discriminator is not None else ProjectionCritic(
-            bins=generator.bins, in_channels=generator.in_channels)
-        self.generator = generator.to(self.device)
-        self.discriminator.to(self.device)
-        self.classifier = classifier.to(self.device)
-        self.opt_g = adam(generator, s.learning_rate, s.betas)
-        self.opt_d = adam(self.discriminator, s.discriminator_learning_rate, s.betas)
+        super().__init__(settings, generator, classifier, train_images, val_images, discriminator=discriminator)
 
-    def networks(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def parts(self) -> dict[str, Any]:
-        return {"generator": self.generator, "discriminator": self.discriminator, "opt_g": self.opt_g,
-                "opt_d": self.opt_d}
-
-    def frozen(self) -> ContextManager[Any]:
-        return frozen(self.classifier)
+    def default_discriminator(self, generator: nn.Module) -> nn.Module:
+        return ProjectionCritic(bins=generator.bins, in_channels=generator.in_channels)
 
     def critic(self, images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         # The discriminator looks at the generator's working resolution.

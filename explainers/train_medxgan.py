@@ -30,18 +30,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainers._helpers import frozen, to_working
+from explainers._helpers import to_working
 from explainers.base import threshold_logit
 from explainers.medxgan import ANATOMY_DIM, PATHOLOGY_DIM, MedxganEncoder, MedxganExplainer, MedxganGenerator, \
     to_input
 from explainers.networks import PatchCritic
-from explainers.training import Trainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
+from explainers.training import AdversarialTrainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
 from explainers.validity import evaluate_explainer
 
 
@@ -86,7 +86,7 @@ class MedxganTrainingConfig(TrainingSettings):
     smoothing_sigma: float = explainer_parameter(2.0, "Gaussian smoothing of the saliency map, pixels")
 
 
-class MedxganTrainer(Trainer):
+class MedxganTrainer(AdversarialTrainer):
     """Generator, encoder and patch critic against a frozen ``classifier``."""
 
     name = "medxgan"
@@ -97,16 +97,10 @@ class MedxganTrainer(Trainer):
     def __init__(self, settings: MedxganTrainingConfig, generator: MedxganGenerator, encoder: MedxganEncoder,
                  classifier: nn.Module, train_images: torch.Tensor, val_images: torch.Tensor, *,
                  discriminator: nn.Module | None = None):
-        super().__init__(settings, train_images, val_images)
+        super().__init__(settings, generator, classifier, train_images, val_images, discriminator=discriminator)
         s = settings
-        self.discriminator = discriminator if discriminator is not None else PatchCritic(
-            in_channels=generator.in_channels)
-        self.generator, self.encoder = generator.to(self.device), encoder.to(self.device)
-        self.discriminator.to(self.device)
-        self.classifier = classifier.to(self.device)
-        self.opt_g = adam(generator, s.learning_rate, s.betas)
+        self.encoder = encoder.to(self.device)
         self.opt_e = adam(encoder, s.learning_rate, s.betas)
-        self.opt_d = adam(self.discriminator, s.discriminator_learning_rate, s.betas)
         self.offset = threshold_logit(s.threshold)
         self.input_shape = tuple(train_images.shape[-2:])
         # A seeded random sample: the validation split is sorted by class, its first images are one class.
@@ -118,15 +112,14 @@ class MedxganTrainer(Trainer):
         return (f"highest flip rate of the explainer on a seeded sample of {self.settings.validation_images} "
                 "validation images; ties: lowest inversion L1")
 
+    def default_discriminator(self, generator: nn.Module) -> nn.Module:
+        return PatchCritic(in_channels=generator.in_channels)
+
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "encoder": self.encoder}
 
     def parts(self) -> dict[str, Any]:
-        return {"generator": self.generator, "discriminator": self.discriminator, "opt_g": self.opt_g,
-                "opt_d": self.opt_d, "encoder": self.encoder, "opt_e": self.opt_e}
-
-    def frozen(self) -> ContextManager[Any]:
-        return frozen(self.classifier)
+        return {**super().parts(), "encoder": self.encoder, "opt_e": self.opt_e}
 
     def _real_walk(self, x: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(BCE towards the other class, L1 change) of the walk the explainer shows for real x."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +27,7 @@ from explainers._helpers import as_float, frozen, to_working, working_size
 from explainers.base import threshold_logit
 from explainers.networks import PatchCritic
 from explainers.sagen import SagenExplainer, SagenGenerator
-from explainers.training import (
-    Trainer,
-    TrainingSettings,
-    adam,
-    explainer_parameter,
-    from_bundle,
-    option,
-)
+from explainers.training import AdversarialTrainer, TrainingSettings, explainer_parameter, from_bundle, option
 from explainers.validity import evaluate_explainer
 
 
@@ -78,7 +71,7 @@ def called_positive_fraction(classifier: nn.Module, images: torch.Tensor, thresh
     return positive / max(len(images), 1)
 
 
-class SagenTrainer(Trainer):
+class SagenTrainer(AdversarialTrainer):
     """Both heads of ``generator`` against a frozen ``classifier`` (logit of the positive class)."""
 
     name = "sagen"
@@ -89,15 +82,8 @@ class SagenTrainer(Trainer):
 
     def __init__(self, settings: SagenTrainingConfig, generator: SagenGenerator, classifier: nn.Module,
                  train_images: torch.Tensor, val_images: torch.Tensor, *, discriminator: nn.Module | None = None):
-        super().__init__(settings, train_images, val_images)
+        super().__init__(settings, generator, classifier, train_images, val_images, discriminator=discriminator)
         s = settings
-        self.discriminator = discriminator if discriminator is not None else PatchCritic(
-            in_channels=generator.in_channels)
-        self.generator = generator.to(self.device)
-        self.discriminator.to(self.device)
-        self.classifier = classifier.to(self.device)
-        self.opt_g = adam(generator, s.learning_rate, s.betas)
-        self.opt_d = adam(self.discriminator, s.discriminator_learning_rate, s.betas)
         self.offset = threshold_logit(s.threshold)
         with frozen(self.classifier):
             self.positive_fraction = called_positive_fraction(classifier, train_images, s.threshold,
@@ -106,15 +92,8 @@ class SagenTrainer(Trainer):
         self.class_weight = ((0.5 / max(1.0 - self.positive_fraction, floor), 0.5 / max(self.positive_fraction, floor))
                              if s.balance_classes else (1.0, 1.0))
 
-    def networks(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def parts(self) -> dict[str, Any]:
-        return {"generator": self.generator, "discriminator": self.discriminator, "opt_g": self.opt_g,
-                "opt_d": self.opt_d}
-
-    def frozen(self) -> ContextManager[Any]:
-        return frozen(self.classifier)
+    def default_discriminator(self, generator: nn.Module) -> nn.Module:
+        return PatchCritic(in_channels=generator.in_channels)
 
     def critic(self, images: torch.Tensor) -> torch.Tensor:
         # The discriminator looks at the generator's working resolution.

@@ -32,7 +32,7 @@ from monai.transforms import RandAffine
 from monai.utils import set_determinism
 from torch import nn
 
-from explainers._helpers import as_float, plain_tensor
+from explainers._helpers import as_float, frozen, plain_tensor
 from explainers.checkpoints import EpochCheckpoints
 
 #: Settings fields that may change between a run and its resumption.
@@ -237,6 +237,37 @@ class Trainer(ABC):
     def bundle_training(self) -> dict[str, Any]:
         """What bundle.yaml's training record says beyond the common fields."""
         return {}
+
+
+class AdversarialTrainer(Trainer):
+    """What the GAN methods share (sagen, exaggeration, medxgan): a generator and a
+    critic, each with its Adam (``learning_rate``, ``discriminator_learning_rate``),
+    trained against ``classifier``, which stays frozen for the whole fit."""
+
+    def __init__(self, settings: TrainingSettings, generator: nn.Module, classifier: nn.Module,
+                 train_images: torch.Tensor, val_images: torch.Tensor, *, discriminator: nn.Module | None = None):
+        super().__init__(settings, train_images, val_images)
+        # Built after set_determinism: a default critic's initial weights derive from the seed.
+        self.discriminator = discriminator if discriminator is not None else self.default_discriminator(generator)
+        self.generator = generator.to(self.device)
+        self.discriminator.to(self.device)
+        self.classifier = classifier.to(self.device)
+        self.opt_g = adam(generator, settings.learning_rate, settings.betas)
+        self.opt_d = adam(self.discriminator, getattr(settings, "discriminator_learning_rate"), settings.betas)
+
+    @abstractmethod
+    def default_discriminator(self, generator: nn.Module) -> nn.Module:
+        """The critic to train when none is given."""
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def parts(self) -> dict[str, Any]:
+        return {"generator": self.generator, "discriminator": self.discriminator, "opt_g": self.opt_g,
+                "opt_d": self.opt_d}
+
+    def frozen(self) -> ContextManager[Any]:
+        return frozen(self.classifier)
 
 
 class RunningMeans:

@@ -30,7 +30,7 @@ def train_classifier_command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
     """Train a binary classifier and write a bundle with a model card."""
-    from pipeline.train import train_classifier_bundle
+    from pipeline.training.classifier import train_classifier_bundle
 
     bundle = train_classifier_bundle(data=data, out=out, name=name or out.name, task=task, size=size,
                                      epochs=epochs, batch_size=batch_size, seed=seed, device=device)
@@ -48,7 +48,7 @@ def _train_command(method: str, trainer: Any) -> Callable[..., None]:
         from explainers.bundle import BundleError
         from explainers.training import settings_from_options
         from pipeline.datasets import DatasetError
-        from pipeline.explainer_training import train_explainer_bundle
+        from pipeline.training.explainers import train_explainer_bundle
 
         bundle, data, max_images = options.pop("bundle"), options.pop("data"), options.pop("max_images")
         try:
@@ -84,7 +84,7 @@ def _train_command(method: str, trainer: Any) -> Callable[..., None]:
 
 
 def _register_train_commands() -> None:
-    from pipeline.explainer_training import TRAINERS
+    from pipeline.training.explainers import TRAINERS
 
     for method, trainer in TRAINERS.items():
         train_app.command(method)(_train_command(method, trainer))

@@ -14,7 +14,7 @@ from explainers.networks import BinaryClassifier
 from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig
 from explainers.train_gvr import GvrTrainer, GvrTrainingConfig
 from explainers.training import Trainer, TrainingSettings, fit, settings_fields, settings_from_options
-from pipeline.explainer_training import TRAINERS
+from pipeline.training.explainers import TRAINERS
 from tests.generator_helpers import box_images
 
 
