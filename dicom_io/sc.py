@@ -24,12 +24,12 @@ from dicom_io.output import (
     check_unit_image,
     contributing_equipment,
     finalize_output,
-    header_only,
     series_description,
     source_image_item,
     source_pixel_spacing,
 )
 from dicom_io.overlay import NOT_FOR_DIAGNOSTIC_USE, render_overlay
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import instance_uid, series_uid
 
@@ -71,7 +71,7 @@ def _sc(
 ) -> Dataset:
     import highdicom as hd
 
-    ref = header_only(source.dataset)
+    ref = writer_reference(source)
     with warnings.catch_warnings():
         # highdicom warns about single-component person names copied verbatim
         # from the source (e.g. a pseudonymised PatientName); not ours to fix.

@@ -72,6 +72,7 @@ from dicom_io.output import (
     is_medxplain_output,
     series_description,
 )
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import derived_uid, instance_uid, series_uid
 
@@ -636,7 +637,7 @@ def audit_sr(
                 raise ValueError(f'Argument "records[{i}].derived" repeats instance {uid}.')
             seen.add(uid)
 
-    src = header_only(source.dataset)
+    src = writer_reference(source)
     finding = finding_code(finding_name)
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(

@@ -17,7 +17,7 @@ import torch
 
 from explainers.bundle import Bundle, BundleError, DomainGuardSpec, save_weights
 from explainers.domain import DEFAULT_LAYERS, PooledFeatures, features_in_batches, fit_statistics, mahalanobis
-from pipeline.explainer_training import seeded_subset, training_splits
+from pipeline.training.explainers import seeded_subset, training_splits
 
 STATISTICS_FILE = "domain_guard.safetensors"
 
