@@ -10,7 +10,10 @@ Document layout (``dsrdump`` shows it in this order)::
           Algorithm: medxplain <version>, parameters: bundle ..., settings key, explainers
           Image Region = SCOORD POLYLINE around the whole source image
           Classifier probability (%), decision threshold (%), total processing time (ms)
-          <finding> = Present | Absent; Decision (text)
+          Domain guard score and threshold (when the bundle has a guard)
+          <finding> = Present | Absent; Image within the classifier's domain = Yes | No;
+          Decision (text); Caution (text, one per caution: "out of domain: ...",
+          "low confidence (near threshold): ...", "research override: ...")
         Measurement Group "<method> salient region" per explainer (TID 1410)
           Tracking identifier + UID (the SEG segment's TrackingUID when there is one)
           Finding; Algorithm: <method> <version>, one "Algorithm Parameters" item per
@@ -21,7 +24,8 @@ Document layout (``dsrdump`` shows it in this order)::
           processing time (ms), numeric checks; rounded (probabilities to 0.1 %,
           times to 1 ms, checks to 4 significant digits)
           <finding> = Present | Absent; counterfactual decision flipped = Yes | No;
-          boolean checks; Decision (text), text checks
+          boolean checks; Decision (text); Counterfactual result (text: "counterfactual
+          flipped the decision" | "counterfactual did not flip"), text checks
           labelled references: "Saliency overlay", "Counterfactual image, step k of T"
           (last: "full counterfactual"), "Segmentation of the most salient region"
 
