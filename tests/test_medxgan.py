@@ -10,6 +10,7 @@ command line (on a bundle copy) and the shipped weights.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import subprocess
 import sys
@@ -193,8 +194,15 @@ def test_integrated_gradients_along_the_latent_path_are_complete():
 
 
 def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_classifier):
-    generator, encoder = tiny_networks()
-    images = real_images(kermany_dir, 3)
+    # In float64: the property under test is that no image's search reads another
+    # image (batch statistics, a shared stopping rule). In float32 the batched
+    # convolutions differ from the single-image ones in the 7th digit, and the
+    # search amplifies that (Adam's first steps are ~lr x sign(gradient); the walk
+    # direction of a negative call is a normalised, often tiny gradient), so the
+    # result moved by ~1e-2 on one CPU and not on another.
+    generator, encoder = (network.double() for network in tiny_networks())
+    demo_classifier = copy.deepcopy(demo_classifier).double()
+    images = real_images(kermany_dir, 3).double()
     settings = dict(generator=generator, encoder=encoder, inversion_steps=5, steps=3, threshold=0.808)
     for explainer in (MedxganExplainer(**settings), MedxganIGExplainer(ig_steps=4, **settings)):
         batch = explainer.explain(images, demo_classifier)
@@ -203,9 +211,7 @@ def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_class
         assert batch.checks[1]["steps_used"] == alone.checks[0]["steps_used"]
         assert batch.counterfactuals.shape == (3, 3, 1, 128, 128) and batch.saliency.shape == (3, 128, 128)
         if isinstance(explainer, MedxganIGExplainer):
-            # Input gradients of the DenseNet differ in the last digits between batch
-            # sizes (convolution order), and ReLU gradients amplify that a little.
-            assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=5e-3)
+            assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=1e-4)
             assert batch.checks[1]["attribution_sum"] == pytest.approx(alone.checks[0]["attribution_sum"], rel=1e-3)
         else:
             assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=1e-4)
