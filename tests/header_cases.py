@@ -71,7 +71,7 @@ class CaseOutcome:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     return [f"{path.name}: {line.strip()}" for line in (proc.stderr + proc.stdout).splitlines()
             if line.strip().startswith(("Error", "Abort"))]
 
