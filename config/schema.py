@@ -29,12 +29,18 @@ class OutputsConfig(_Strict):
 
 
 class QueueConfig(_Strict):
-    path: Path = Field(Path("data/queue.db"), description="SQLite job queue file (WAL mode); relative to the "
-                                                          "project root")
+    path: Path = Field(Path("~/.local/share/medxplain/queue.db"),
+                       description="SQLite job queue file (WAL mode, 0600 in a 0700 folder); '~' is the home "
+                                   "folder, a relative path is relative to the project root")
     max_attempts: int = Field(5, ge=1, description="attempts before a job goes to the dead-letter state")
     backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles per attempt")
     backoff_max_s: float = Field(600.0, gt=0, description="longest retry delay")
     lease_s: float = Field(300.0, gt=0, description="a job leased longer than this without renewal is retried")
+    unavailable_dead_after_s: float = Field(
+        7 * 86400.0, gt=0, description="a peer (Orthanc, the C-STORE destination) unreachable this long "
+        "dead-letters the jobs waiting for it; until then an outage spends no attempts")
+    outage_retry_max_s: float = Field(60.0, gt=0, description="while a peer is unreachable the worker pauses, "
+                                      "starting at backoff_s and doubling up to this, then tries one job again")
 
 
 class WorkerConfig(_Strict):
@@ -83,7 +89,9 @@ class DicomNodeConfig(_Strict):
     allowed_calling_ae_titles: list[str] = Field(default_factory=list,
                                                  description="only these peers may send; empty = refuse all")
     quiet_s: float = Field(5.0, gt=0, description="a study is complete after this long without new instances")
-    spool: Path = Field(Path("data/spool"), description="received instances, kept until their job is done")
+    spool: Path = Field(Path("~/.local/share/medxplain/spool"),
+                        description="received instances (full DICOM files, 0600 in 0700 folders), kept until "
+                                    "their job is done; outside the project by default")
 
 
 class MedxplainConfig(_Strict):
@@ -123,5 +131,6 @@ class MedxplainConfig(_Strict):
 
 
 def resolve(path: Path) -> Path:
-    """Relative paths in the config are relative to the project root."""
+    """'~' is the home folder; other relative paths in the config are relative to the project root."""
+    path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path

@@ -154,8 +154,6 @@ def _figure_cases(rows: list[dict[str, str]], labels: torch.Tensor) -> list[int]
 
 def runnable_methods(bundle: Bundle, requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """Methods to run (baselines first) and skipped ones with the reason."""
-    import pipeline.engine  # noqa: F401  (registers every explainer)
-
     registered = available()
     if requested:
         unknown = sorted(set(requested) - set(registered))

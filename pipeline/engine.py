@@ -17,12 +17,6 @@ import torch
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-import explainers.baselines  # noqa: F401  (registers the baseline methods)
-import explainers.cia  # noqa: F401  (registers cia)
-import explainers.exaggeration  # noqa: F401  (registers exaggeration)
-import explainers.gvr  # noqa: F401  (registers gvr)
-import explainers.medxgan  # noqa: F401  (registers medxgan, medxgan_ig)
-import explainers.sagen  # noqa: F401  (registers sagen)
 from config.schema import MedxplainConfig
 from dicom_io.output import OutputContext, is_medxplain_output
 from dicom_io.preprocess import InputSpec, Preprocessor

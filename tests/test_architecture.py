@@ -52,6 +52,7 @@ def test_the_plugin_import_closure_is_the_standard_library(tmp_path):
         def LogInfo(message): pass
         def _register(*args): pass
         RegisterOnStoredInstanceCallback = RegisterOnChangeCallback = RegisterRestCallback = _register
+        RegisterIncomingHttpRequestFilter = RegisterIncomingCStoreInstanceFilter = _register
     """))
     code = textwrap.dedent(f"""
         import json, sys

@@ -14,7 +14,6 @@ import torch
 import yaml
 from torch import nn
 
-import explainers.baselines  # noqa: F401  (registers the baselines)
 from explainers.base import create
 from explainers.bundle import (
     BUNDLE_FILE,
