@@ -270,6 +270,26 @@ class AdversarialTrainer(Trainer):
         return frozen(self.classifier)
 
 
+def bundle_trainers() -> dict[str, type[Trainer]]:
+    """Every explainer's trainer declaration, by method id: the ``Trainer`` subclasses
+    with a ``for_bundle`` in the modules ``explainers/train_<method>.py`` (found by name,
+    so a new method's trainer needs no registration)."""
+    import importlib
+    import pkgutil
+
+    import explainers
+
+    found: dict[str, type[Trainer]] = {}
+    for module in pkgutil.iter_modules(explainers.__path__):
+        if module.name.startswith("train_"):
+            loaded = importlib.import_module(f"explainers.{module.name}")
+            for value in vars(loaded).values():
+                if (isinstance(value, type) and issubclass(value, Trainer) and value.__module__ == loaded.__name__
+                        and value.for_bundle.__func__ is not Trainer.for_bundle.__func__):
+                    found[value.name] = value
+    return dict(sorted(found.items()))
+
+
 class RunningMeans:
     """Means weighted by batch size, per key (a key counts only the batches that report it)."""
 

@@ -23,17 +23,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, ExplainerSpec, save_weights
-from explainers.train_cia import CiaTrainer
-from explainers.train_exaggeration import ExaggerationTrainer
-from explainers.train_gvr import GvrTrainer
-from explainers.train_medxgan import MedxganTrainer
-from explainers.train_sagen import SagenTrainer
-from explainers.training import Trainer, TrainingSettings, fit
+from explainers.training import Trainer, TrainingSettings, bundle_trainers, fit
 from pipeline.datasets import Split, load_splits
 
 #: Every trainable explainer, by method id: its trainer declaration.
-TRAINERS: dict[str, type[Trainer]] = {t.name: t for t in (SagenTrainer, ExaggerationTrainer, CiaTrainer, GvrTrainer,
-                                                          MedxganTrainer)}
+TRAINERS: dict[str, type[Trainer]] = bundle_trainers()
 
 
 def seeded_subset(split: Split, limit: int | None, seed: int) -> Split:
