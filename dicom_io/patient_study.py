@@ -270,9 +270,10 @@ def normalise_character_set(value: Any) -> tuple[list[str] | None, str | None]:
         fixed, changed = [twin], True
     elif len(fixed) > 1:
         # Several values all use code extensions; a term without an ISO 2022 form cannot take part.
-        extended = [t if t == "" or t.startswith("ISO 2022 IR ") else t.replace("ISO_IR ", "ISO 2022 IR ")
-                    for t in fixed]
-        if any(t and t not in python_encoding for t in extended):
+        # An empty first value means the default repertoire, spelled ISO 2022 IR 6 (PS3.3 C.12.1.1.2).
+        extended = ["ISO 2022 IR 6" if t == "" else t if t.startswith("ISO 2022 IR ")
+                    else t.replace("ISO_IR ", "ISO 2022 IR ") for t in fixed]
+        if any(t not in python_encoding for t in extended):
             return None, "Specific Character Set values cannot be combined; text restricted to ASCII"
         changed |= extended != fixed
         fixed = extended
@@ -321,9 +322,23 @@ def _values(value: Any) -> list[Any]:
     return [value]
 
 
+def _standard_vr(element: DataElement) -> str:
+    """The dictionary VR of a standard text attribute, else the element's own VR."""
+    try:
+        standard = dictionary_VR(element.tag)
+    except KeyError:
+        return element.VR
+    return standard if standard in _TEXT_VRS and element.VR in _TEXT_VRS else element.VR
+
+
 def _check_element(element: DataElement, keyword: str, eight_bit_ok: bool) -> tuple[Any, str | None, bool]:
-    """(new value, note, keep) for one element. ``keep`` False: value unusable."""
-    vr = element.VR
+    """(new value, note, keep) for one element. ``keep`` False: value unusable.
+
+    Text values are checked against the VR of the data dictionary (``_standard_vr``):
+    an element that arrived with another VR is judged, and rewritten, as the
+    standard defines it.
+    """
+    vr = _standard_vr(element)
     if vr == "SQ":
         for item in element.value:
             for sub in item:
@@ -402,8 +417,11 @@ def normalised_reference(ds: Dataset, *, where: str | None = None, log: bool = T
         except Exception as exc:  # noqa: BLE001  an unparseable source value is dropped like an invalid one
             value, problem, keep = None, f"unreadable ({type(exc).__name__})", False
         if keep:
+            vr = _standard_vr(element)
+            if vr != element.VR:
+                problem = "; ".join(p for p in (problem, f"VR {element.VR} rewritten as {vr}") if p)
             if problem:  # a new element: the copy shares its elements with the source
-                ref[keyword] = DataElement(element.tag, element.VR, value)
+                ref[keyword] = DataElement(element.tag, vr, value)
                 note(keyword, problem)
             present[module].append(keyword)
             continue
