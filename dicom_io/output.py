@@ -256,16 +256,17 @@ def finalize_output(
         if context.institutional_department_name is not None:
             target.InstitutionalDepartmentName = context.institutional_department_name
     target.SeriesDescription = series_description(kind, method)
-    from dicom_io.patient_study import copy_series_attributes
+    from dicom_io.patient_study import copy_series_attributes, valid_value
 
     copy_series_attributes(target, source)
     if "PixelData" in target and target.get("SOPClassUID") != _SEGMENTATION_STORAGE:
         # A derived image of a lossy-compressed source stays flagged as lossy.
-        if source.get("LossyImageCompression") == "01":
+        if valid_value(source, "LossyImageCompression") == "01":
             target.LossyImageCompression = "01"
             for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
-                if keyword in source:
-                    target[keyword] = source[keyword]
+                value = valid_value(source, keyword)
+                if value is not None:
+                    setattr(target, keyword, value)
     return target
 
 

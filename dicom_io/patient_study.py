@@ -50,6 +50,7 @@ __all__ = [
     "normalised_reference",
     "writer_reference",
     "copy_series_attributes",
+    "valid_value",
     "normalise_character_set",
 ]
 
@@ -74,12 +75,17 @@ _NOT_COPIED = frozenset({"PixelPaddingValue", "StudyInstanceUID"})
 _SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
-# BodyPartExamined defined terms of paired structures (PS3.16 Annex L subset).
-PAIRED_BODY_PARTS = frozenset({
-    "BREAST", "EYE", "EAR", "SHOULDER", "CLAVICLE", "SCAPULA", "ARM", "HUMERUS", "ELBOW",
-    "FOREARM", "RADIUS", "ULNA", "WRIST", "HAND", "FINGER", "THUMB", "HIP", "FEMUR", "THIGH",
-    "KNEE", "PATELLA", "LEG", "TIBIA", "FIBULA", "ANKLE", "FOOT", "HEEL", "TOE", "EXTREMITY",
-    "UPREXM", "LOWEREXM", "LWREXM", "KIDNEY", "ADRENAL", "OVARY", "TESTIS", "LUNG",
+# Defined terms of unpaired structures and regions (PS3.16 Annex L, CID 4031 subset):
+# for these Laterality is not required. Any other value (unknown, misspelled,
+# "CHEST PA") may be paired, so Laterality is written (empty when unknown), as
+# dciodvfy requires.
+UNPAIRED_BODY_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "AORTA", "APPENDIX", "BLADDER", "BRAIN", "CERVIX", "CHEST", "CHESTABDOMEN",
+    "CHESTABDPELVIS", "COCCYX", "COLON", "CSPINE", "DUODENUM", "ESOPHAGUS", "GALLBLADDER", "HEAD", "HEADNECK",
+    "HEART", "IVC", "JAW", "LARYNX", "LIVER", "LSPINE", "MEDIASTINUM", "MOUTH", "NECK", "NECKCHEST",
+    "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "NOSE", "PANCREAS", "PELVIS", "PENIS", "PROSTATE", "RECTUM",
+    "SACRUM", "SKULL", "SPINE", "SPLEEN", "SSPINE", "STERNUM", "STOMACH", "THYROID", "TONGUE", "TRACHEA",
+    "TSPINE", "UTERUS", "VAGINA", "WHOLEBODY",
 })
 
 # ------------------------------------------------------------------ value forms (PS3.5 6.2)
@@ -157,7 +163,9 @@ def _fix_age(text: str) -> str | None:
 
 def _has_control(text: str, vr: str) -> bool:
     allowed = "\x1b\r\n\x0c\t" if vr in _MULTI_LINE_VRS else "\x1b"
-    return any((ord(c) < 32 and c not in allowed) or ord(c) == 127 for c in text)
+    # C0 controls (but the allowed ones), DEL, and the C1 controls U+0080-U+009F that
+    # no DICOM character repertoire includes (0x80-0x9F in ISO 8859 text).
+    return any((ord(c) < 32 and c not in allowed) or 127 <= ord(c) <= 159 for c in text)
 
 
 def _check_text(value: str, vr: str, keyword: str, eight_bit_ok: bool) -> tuple[str | None, str | None]:
@@ -254,8 +262,29 @@ def normalise_character_set(value: Any) -> tuple[list[str] | None, str | None]:
             return None, "Specific Character Set not recognised; text restricted to ASCII"
         changed |= candidate != text
         fixed.append(candidate)
+    if len(fixed) == 1 and fixed[0].startswith("ISO 2022 IR "):
+        # One value cannot use code extensions (PS3.3 C.12.1.1.2): its single-byte twin, if any.
+        twin = fixed[0].replace("ISO 2022 IR ", "ISO_IR ")
+        if twin not in python_encoding:
+            return None, "Specific Character Set not usable as a single value; text restricted to ASCII"
+        fixed, changed = [twin], True
+    elif len(fixed) > 1:
+        # Several values all use code extensions; a term without an ISO 2022 form cannot take part.
+        # An empty first value means the default repertoire, spelled ISO 2022 IR 6 (PS3.3 C.12.1.1.2).
+        extended = ["ISO 2022 IR 6" if t == "" else t if t.startswith("ISO 2022 IR ")
+                    else t.replace("ISO_IR ", "ISO 2022 IR ") for t in fixed]
+        if any(t not in python_encoding for t in extended):
+            return None, "Specific Character Set values cannot be combined; text restricted to ASCII"
+        changed |= extended != fixed
+        fixed = extended
     if fixed in ([], [""], ["ISO_IR 6"]):
         return None, None
+    try:
+        from highdicom.valuerep import _check_specific_character_set
+
+        _check_specific_character_set(fixed[0] if len(fixed) == 1 else fixed)
+    except (ValueError, TypeError):
+        return None, "Specific Character Set not usable for writing; text restricted to ASCII"
     return fixed, ("corrected the spelling of Specific Character Set" if changed else None)
 
 
@@ -293,9 +322,23 @@ def _values(value: Any) -> list[Any]:
     return [value]
 
 
+def _standard_vr(element: DataElement) -> str:
+    """The dictionary VR of a standard text attribute, else the element's own VR."""
+    try:
+        standard = dictionary_VR(element.tag)
+    except KeyError:
+        return element.VR
+    return standard if standard in _TEXT_VRS and element.VR in _TEXT_VRS else element.VR
+
+
 def _check_element(element: DataElement, keyword: str, eight_bit_ok: bool) -> tuple[Any, str | None, bool]:
-    """(new value, note, keep) for one element. ``keep`` False: value unusable."""
-    vr = element.VR
+    """(new value, note, keep) for one element. ``keep`` False: value unusable.
+
+    Text values are checked against the VR of the data dictionary (``_standard_vr``):
+    an element that arrived with another VR is judged, and rewritten, as the
+    standard defines it.
+    """
+    vr = _standard_vr(element)
     if vr == "SQ":
         for item in element.value:
             for sub in item:
@@ -374,8 +417,11 @@ def normalised_reference(ds: Dataset, *, where: str | None = None, log: bool = T
         except Exception as exc:  # noqa: BLE001  an unparseable source value is dropped like an invalid one
             value, problem, keep = None, f"unreadable ({type(exc).__name__})", False
         if keep:
+            vr = _standard_vr(element)
+            if vr != element.VR:
+                problem = "; ".join(p for p in (problem, f"VR {element.VR} rewritten as {vr}") if p)
             if problem:  # a new element: the copy shares its elements with the source
-                ref[keyword] = DataElement(element.tag, element.VR, value)
+                ref[keyword] = DataElement(element.tag, vr, value)
                 note(keyword, problem)
             present[module].append(keyword)
             continue
@@ -423,6 +469,23 @@ def _normalise_lossy_compression(ds: Dataset, ref: Dataset, note) -> None:
         note("LossyImageCompression", "not 00 or 01; set to 01 (the transfer syntax is lossy)")
     else:
         note("LossyImageCompression", "not 00 or 01; left out")
+
+
+def valid_value(ds: Dataset, keyword: str) -> Any:
+    """The value of ``keyword`` in ``ds`` if valid for its VR (corrected where unambiguous), else None.
+
+    For writers that put a source value into their own text (e.g. "CR series 3
+    image 1" in a description): an invalid one is left out, never copied.
+    """
+    try:
+        element = ds[keyword] if keyword in ds else None
+        if element is None:
+            return None
+        terms, _ = normalise_character_set(ds.get("SpecificCharacterSet"))
+        value, _, keep = _check_element(element, keyword, terms is not None)
+    except Exception:  # noqa: BLE001  unreadable: as invalid
+        return None
+    return value if keep and value not in (None, "") else None
 
 
 def writer_reference(source: "SourceImage", *, drop_invalid_pixel_spacing: bool = False) -> Dataset:
@@ -484,7 +547,8 @@ def copy_series_attributes(target: Dataset, source: Dataset) -> None:
       else empty (the outputs lie on the source pixel grid; never invented).
     - BodyPartExamined (Type 3): copied when it is a valid code string.
     - Laterality (General Series, Type 2C): required when Body Part Examined is
-      absent or a paired structure (PS3.3 C.7.3.1; dciodvfy checks exactly this).
+      absent or a paired structure (PS3.3 C.7.3.1); dciodvfy requires it for any
+      value that is not a known unpaired term, and so do we.
       SC outputs carry the source's Laterality (R/L); for such a body part its
       Image Laterality (R/L) when Laterality is absent; else an empty value
       (unknown), so the condition holds. Never on SEG:
@@ -507,7 +571,7 @@ def copy_series_attributes(target: Dataset, source: Dataset) -> None:
         del target.Laterality
     if target.get("SOPClassUID") == _SEGMENTATION_STORAGE:
         return
-    paired_or_unknown = body_part is None or body_part in PAIRED_BODY_PARTS
+    paired_or_unknown = body_part not in UNPAIRED_BODY_PARTS
     laterality = _code_string(source.get("Laterality"))
     if laterality not in ("R", "L") and paired_or_unknown:
         image_laterality = _code_string(source.get("ImageLaterality"))

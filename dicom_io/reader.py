@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pydicom.uid as uids
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
@@ -161,6 +162,7 @@ def read_radiograph(source: str | os.PathLike[str] | Dataset) -> SourceImage:
     check_header(ds)
     where = _describe(ds, path)
     notes: list[str] = []
+    ds = _without_unparseable(ds, where, notes)
     photometric = _photometric(ds, where)
     if photometric in _LUMINANCE_ONLY_PHOTOMETRICS:
         _note(notes, where, "luminance_only", f"PhotometricInterpretation {photometric} with one sample: "
@@ -392,30 +394,59 @@ def _check_parseable(ds: Dataset, where: str) -> None:
 
     pydicom converts raw elements lazily: without this, a malformed value would
     raise an untyped pydicom error at whichever later access touched it first,
-    possibly in a writer long after the reader accepted the file.
+    possibly in a writer long after the reader accepted the file. An unparseable
+    element the image depends on (File Meta, the image pixel / LUT group 0028,
+    Pixel Data, the identifying UIDs) refuses the file; any other (a patient
+    weight of ``abc``) is left out of the image that ``read_radiograph``
+    returns, with a note (``_without_unparseable``).
     """
     for part in (getattr(ds, "file_meta", None), ds):
-        found = _first_unparseable_element(part) if part is not None else None
-        if found is not None:
-            tag, exc = found
+        for tag, exc in _unparseable_elements(part) if part is not None else ():
+            if part is ds and not _essential(tag):
+                continue
             # Only the error's type: its text can quote raw bytes of the header.
             raise UnreadableFileError(
                 f"element {tag} cannot be parsed ({type(exc).__name__})", source=where, reason="unparseable"
             ) from exc
 
 
-def _first_unparseable_element(dataset: Dataset) -> tuple[object, BaseException] | None:
+_ESSENTIAL_GROUPS = frozenset({0x0002, 0x0028, 0x7FE0})
+_ESSENTIAL_TAGS = frozenset({0x00080005, 0x00080016, 0x00080018, 0x00080060, 0x00080068, 0x0020000D, 0x0020000E})
+
+
+def _essential(tag) -> bool:
+    return tag.group in _ESSENTIAL_GROUPS or int(tag) in _ESSENTIAL_TAGS
+
+
+def _unparseable_elements(dataset: Dataset) -> list[tuple[object, BaseException]]:
+    """(top-level tag, error) of every element that cannot be converted, nested items included."""
+    found = []
     for tag in list(dataset.keys()):
         try:
             element = dataset[tag]
             items = element.value if element.VR == "SQ" else ()
+            for item in items:
+                nested = _unparseable_elements(item)
+                if nested:
+                    raise nested[0][1]
         except _PYDICOM_ERRORS as exc:
-            return tag, exc
-        for item in items:
-            found = _first_unparseable_element(item)
-            if found is not None:
-                return found
-    return None
+            found.append((tag, exc))
+    return found
+
+
+def _without_unparseable(ds: Dataset, where: str, notes: list[str]) -> Dataset:
+    """``ds``, or a copy without the unparseable elements that ``_check_parseable`` let pass."""
+    bad = {tag for tag, _ in _unparseable_elements(ds)}
+    if not bad:
+        return ds
+    for tag in sorted(bad):
+        keyword = keyword_for_tag(tag) or "private or unknown"
+        _note(notes, where, "unparseable_left_out", f"element {tag} ({keyword}) cannot be parsed; left out")
+    clean = Dataset({tag: ds.get_item(tag) for tag in ds.keys() if tag not in bad})
+    clean.file_meta = ds.file_meta
+    if getattr(ds, "filename", None):
+        clean.filename = ds.filename
+    return clean
 
 
 def _check_is_image(ds: Dataset, where: str) -> None:

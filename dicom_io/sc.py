@@ -29,7 +29,7 @@ from dicom_io.output import (
     source_pixel_spacing,
 )
 from dicom_io.overlay import NOT_FOR_DIAGNOSTIC_USE, render_overlay
-from dicom_io.patient_study import writer_reference
+from dicom_io.patient_study import valid_value, writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import instance_uid, series_uid
 
@@ -231,11 +231,12 @@ def overlay_sc(
 
 def source_label(ds: Dataset) -> str:
     """Short human label of a source image for descriptions: ``"CR series 3 image 1"``."""
-    parts = [str(ds.get("Modality") or "image")]
-    if ds.get("SeriesNumber") not in (None, ""):
-        parts.append(f"series {ds.SeriesNumber}")
-    if ds.get("InstanceNumber") not in (None, ""):
-        parts.append(f"image {ds.InstanceNumber}")
+    modality, series, instance = (valid_value(ds, k) for k in ("Modality", "SeriesNumber", "InstanceNumber"))
+    parts = [str(modality or "image")]
+    if series is not None:
+        parts.append(f"series {series}")
+    if instance is not None:
+        parts.append(f"image {instance}")
     return " ".join(parts)
 
 

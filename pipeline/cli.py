@@ -193,6 +193,10 @@ def explain_command(
             table.add_row(o.path.name, "—", "[red]failed[/]", *["—"] * len(cfg.explainers), "—",
                           f"[red]{o.error}[/]")
     console.print(table)
+    for o in outcomes:  # the reader's decisions on doubtful headers (codes; details in the log)
+        notes = sorted({w.split(":", 1)[0] for w in (o.result.source.warnings if o.ok else ())})
+        if notes:
+            console.print(f"[yellow]{o.path.name}[/]: {', '.join(notes)}")
     if failed:
         console.print(f"[red]{failed} of {len(outcomes)} files failed[/]")
         raise typer.Exit(1)

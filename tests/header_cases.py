@@ -71,7 +71,7 @@ class CaseOutcome:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     return [f"{path.name}: {line.strip()}" for line in (proc.stderr + proc.stdout).splitlines()
             if line.strip().startswith(("Error", "Abort"))]
 
@@ -85,16 +85,16 @@ def run_case(engine, source, out: Path, rules=None) -> CaseOutcome:
         return CaseOutcome("refused", exc.reason)
     except Exception as exc:  # noqa: BLE001  what the test counts as an untyped failure
         return CaseOutcome("untyped", f"read: {type(exc).__name__}: {exc}"[:300])
-    outcome = CaseOutcome("explained", warnings=image.warnings, source=image)
+    outcome = CaseOutcome("explained", warnings=getattr(image, "warnings", ()), source=image)
     try:
         outcome.eligibility = eligibility(image.dataset, rules if rules is not None else engine.config.rules)[1]
         [result] = engine.run([image])
         outcome.result = result
         outcome.written = write_result(result, out)
     except DicomInputError as exc:
-        return CaseOutcome("refused", exc.reason, warnings=image.warnings)
+        return CaseOutcome("refused", exc.reason, warnings=outcome.warnings)
     except Exception as exc:  # noqa: BLE001
-        return CaseOutcome("untyped", f"explain/write: {type(exc).__name__}: {exc}"[:300], warnings=image.warnings)
+        return CaseOutcome("untyped", f"explain/write: {type(exc).__name__}: {exc}"[:300], warnings=outcome.warnings)
     for path in outcome.written:
         outcome.dciodvfy_errors += dciodvfy_errors(path)
     return outcome
