@@ -415,7 +415,11 @@ def test_overlay_example_png(cr_16bit):
         source=source, saliency=_blob(source.rows, source.columns), method="gradcam",
         probability=0.93, decision="PNEUMONIA", counterfactual_probability=0.62, flipped=False,
         context=_context(), series_number=901,
+        # RG1 (adult) is outside the demo bundle's domain: the engine adds this caution.
+        cautions=("out of domain: unlike the classifier's training data (score 20.8 > 14.7); "
+                  "the result may not apply",),
     )
+    assert "out of domain" in ds.ImageComments and "counterfactual did not flip" in ds.ImageComments
     OVERLAY_PNG.parent.mkdir(parents=True, exist_ok=True)
     # half resolution keeps the docs light (about as large as a browser shows it);
     # the text scales with the picture and stays legible
