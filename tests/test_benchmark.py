@@ -102,6 +102,10 @@ def test_baselines_end_to_end_on_kermany(kermany_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "2 PNEUMONIA, 2 NORMAL" in report
     assert "Localisation" not in report  # no masks in Kermany
+    assert "Sanity checks (Adebayo et al. 2018)" in report
+    for method in ("gradcam", "occlusion"):  # their maps follow the classifier
+        summary = json.loads((out / ".cache" / f"{method}.json").read_text())
+        assert summary["randomised_1"] < 0.5 and -1 <= summary["edge_similarity"] <= 1
     for method in ("gradcam", "ig", "occlusion"):
         assert f"| {method} |" in report
         summary = json.loads((out / ".cache" / f"{method}.json").read_text())
