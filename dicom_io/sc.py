@@ -27,13 +27,14 @@ from dicom_io.output import (
     header_only,
     series_description,
     source_image_item,
+    source_label,
     source_pixel_spacing,
 )
 from dicom_io.overlay import NOT_FOR_DIAGNOSTIC_USE, render_overlay
 from dicom_io.source import SourceImage
 from dicom_io.uids import instance_uid, series_uid
 
-__all__ = ["overlay_sc", "counterfactual_sc", "source_label", "OVERLAY_KIND", "COUNTERFACTUAL_KIND"]
+__all__ = ["overlay_sc", "counterfactual_sc", "OVERLAY_KIND", "COUNTERFACTUAL_KIND"]
 
 OVERLAY_KIND = "overlay"
 COUNTERFACTUAL_KIND = "counterfactual"
@@ -220,16 +221,6 @@ def overlay_sc(
     )[:1024]
     sc.ImageComments = f"{method} saliency overlay of {of_source}; {summary}; {NOT_FOR_DIAGNOSTIC_USE}"[:10240]
     return sc
-
-
-def source_label(ds: Dataset) -> str:
-    """Short human label of a source image for descriptions: ``"CR series 3 image 1"``."""
-    parts = [str(ds.get("Modality") or "image")]
-    if ds.get("SeriesNumber") not in (None, ""):
-        parts.append(f"series {ds.SeriesNumber}")
-    if ds.get("InstanceNumber") not in (None, ""):
-        parts.append(f"image {ds.InstanceNumber}")
-    return " ".join(parts)
 
 
 def counterfactual_sc(
