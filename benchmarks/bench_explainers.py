@@ -24,7 +24,6 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import pipeline.engine  # noqa: E402,F401  (registers every explainer)
 from dicom_io.preprocess import InputSpec, Preprocessor  # noqa: E402
 from explainers.base import explainer_class  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402

@@ -29,12 +29,18 @@ class OutputsConfig(_Strict):
 
 
 class QueueConfig(_Strict):
-    path: Path = Field(Path("data/queue.db"), description="SQLite job queue file (WAL mode); relative to the "
-                                                          "project root")
+    path: Path = Field(Path("~/.local/share/medxplain/queue.db"),
+                       description="SQLite job queue file (WAL mode, 0600 in a 0700 folder); '~' is the home "
+                                   "folder, a relative path is relative to the project root")
     max_attempts: int = Field(5, ge=1, description="attempts before a job goes to the dead-letter state")
     backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles per attempt")
     backoff_max_s: float = Field(600.0, gt=0, description="longest retry delay")
     lease_s: float = Field(300.0, gt=0, description="a job leased longer than this without renewal is retried")
+    unavailable_dead_after_s: float = Field(
+        7 * 86400.0, gt=0, description="a peer (Orthanc, the C-STORE destination) unreachable this long "
+        "dead-letters the jobs waiting for it; until then an outage spends no attempts")
+    outage_retry_max_s: float = Field(60.0, gt=0, description="while a peer is unreachable the worker pauses, "
+                                      "starting at backoff_s and doubling up to this, then tries one job again")
 
 
 class WorkerConfig(_Strict):
@@ -58,6 +64,8 @@ class MatchRule(_Strict):
     sop_class_uids: list[str] = Field(default_factory=list)
     body_parts: list[str] = Field(default_factory=list, description="BodyPartExamined values, e.g. [CHEST]")
     view_positions: list[str] = Field(default_factory=list, description="ViewPosition values, e.g. [PA, AP]")
+    for_processing: bool = Field(False, description="also explain raw detector data (DX/MG/IO 'For Processing'); "
+                                 "off: such images are skipped with reason for_processing")
     bundle: Path | None = Field(None, description="bundle for matching images (default: the top-level bundle)")
     explainers: list[str] | None = Field(None, description="methods for matching images (default: top level)")
 
@@ -81,7 +89,23 @@ class DicomNodeConfig(_Strict):
     allowed_calling_ae_titles: list[str] = Field(default_factory=list,
                                                  description="only these peers may send; empty = refuse all")
     quiet_s: float = Field(5.0, gt=0, description="a study is complete after this long without new instances")
-    spool: Path = Field(Path("data/spool"), description="received instances, kept until their job is done")
+    spool: Path = Field(Path("~/.local/share/medxplain/spool"),
+                        description="received instances (full DICOM files, 0600 in 0700 folders), kept until "
+                                    "their job is done; outside the project by default")
+
+
+class TrustConfig(_Strict):
+    out_of_domain: Literal["skip", "warn"] | None = Field(
+        None, description="an image the bundle's domain guard scores out of domain: 'skip' it with the reason "
+                          "out_of_domain, or 'warn': explain it with an 'out of domain' caution on the overlay and "
+                          "in the SR. Unset: skip in the PACS (worker), warn in `medxplain explain` (a person "
+                          "asked for that file; the summary table says so)")
+    low_confidence_margin: float = Field(
+        0.05, ge=0, lt=1, description="|P - threshold| below this is called 'low confidence (near threshold)' "
+                                      "on the overlay and in the SR")
+    explainer_classifier_override: bool = Field(
+        False, description="RESEARCH ONLY: load explainer networks trained against another classifier than the "
+                           "bundle's (normally refused); recorded in the SR and on the overlay")
 
 
 class MedxplainConfig(_Strict):
@@ -96,6 +120,7 @@ class MedxplainConfig(_Strict):
         "float32", description="autocast dtype on CUDA for classifier/explainers (CPU always float32)")
     batch_size: int = Field(8, ge=1, le=512, description="images per explainer batch")
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     trusted_torchscript: list[str] = Field(
         default_factory=list, description="sha256 of TorchScript classifier files allowed to load")
     max_pixels: int = Field(60_000_000, ge=1, description="reject images with more pixels than this")
@@ -121,5 +146,6 @@ class MedxplainConfig(_Strict):
 
 
 def resolve(path: Path) -> Path:
-    """Relative paths in the config are relative to the project root."""
+    """'~' is the home folder; other relative paths in the config are relative to the project root."""
+    path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path

@@ -83,13 +83,19 @@ class TruncatedPixelDataError(CorruptPixelDataError):
 class BadDimensionsError(DicomInputError):
     """Zero or absurd matrix size, or a bit depth this reader does not handle."""
 
-    REASONS = ("zero_dimensions", "too_large", "bad_bit_depth")
+    REASONS = ("zero_dimensions", "too_large", "bad_bit_depth", "too_small")
 
 
 class InvalidHeaderError(DicomInputError):
     """A required attribute is missing, or an attribute has a value that makes no sense."""
 
-    REASONS = ("missing_attribute", "invalid_attribute")
+    REASONS = ("missing_attribute", "invalid_attribute", "missing_uid", "invalid_uid")
+
+
+class BlankImageError(DicomInputError):
+    """Every (non-padding) pixel displays as one value: there is nothing to explain."""
+
+    REASONS = ("blank_image",)
 
 
 class UnsupportedTransferSyntaxError(DicomInputError):
@@ -100,6 +106,7 @@ class UnsupportedTransferSyntaxError(DicomInputError):
 
 __all__ = [
     "BadDimensionsError",
+    "BlankImageError",
     "ColourImageError",
     "CorruptPixelDataError",
     "DicomInputError",

@@ -13,7 +13,9 @@ Every object written back into a study (SC, SEG, SR)
   (109105) do not apply; "Synthesizing" (109100) is for equipment that
   synthesises whole acquisitions;
 - copies ``PatientOrientation``, ``Laterality`` (or ``ImageLaterality`` as
-  ``Laterality``) and ``BodyPartExamined`` where the source has them.
+  ``Laterality``) and ``BodyPartExamined`` where the source has them; the
+  patient/study attributes it copies are normalised by
+  :mod:`dicom_io.patient_study` (the one place that decides what is copied).
 
 The three marks above make our own output recognisable (see
 :func:`is_medxplain_output`), so that the Orthanc plugin never explains it again
@@ -45,7 +47,6 @@ __all__ = [
     "contributing_equipment",
     "series_description",
     "source_label",
-    "copy_orientation_and_laterality",
     "finalize_output",
     "source_pixel_spacing",
     "check_source",
@@ -65,6 +66,7 @@ MODEL_NAME = "medxplain"
 #: Every SeriesDescription (0008,103E) we write starts with this word.
 SERIES_DESCRIPTION_PREFIX = "MEDXPLAIN"
 
+_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _LO_MAX = 64
 
@@ -196,13 +198,16 @@ def series_description(kind: str, method: str | None = None, of_source: str | No
     return text[:_LO_MAX]
 
 
-def source_label(ds: Any) -> str:
+def source_label(ds: "Dataset") -> str:
     """Short human label of a source image for descriptions: ``"CR series 3 image 1"``."""
-    parts = [str(_get(ds, "Modality") or "image")]
-    if _get(ds, "SeriesNumber") not in (None, ""):
-        parts.append(f"series {_get(ds, 'SeriesNumber')}")
-    if _get(ds, "InstanceNumber") not in (None, ""):
-        parts.append(f"image {_get(ds, 'InstanceNumber')}")
+    from dicom_io.patient_study import valid_value
+
+    modality, series, instance = (valid_value(ds, k) for k in ("Modality", "SeriesNumber", "InstanceNumber"))
+    parts = [str(modality or "image")]
+    if series is not None:
+        parts.append(f"series {series}")
+    if instance is not None:
+        parts.append(f"image {instance}")
     return " ".join(parts)
 
 
@@ -230,83 +235,6 @@ def contributing_equipment(context: OutputContext, *, description: str) -> "Cont
 
 
 # --------------------------------------------------------------------------- copying
-
-_ORIENTATION_CODES = re.compile(r"^[APRLHF]*$")
-_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-# BodyPartExamined defined terms of paired structures (PS3.16 Annex L subset).
-_PAIRED_BODY_PARTS = frozenset({
-    "BREAST", "EYE", "EAR", "SHOULDER", "CLAVICLE", "SCAPULA", "ARM", "HUMERUS", "ELBOW",
-    "FOREARM", "RADIUS", "ULNA", "WRIST", "HAND", "FINGER", "THUMB", "HIP", "FEMUR", "THIGH",
-    "KNEE", "PATELLA", "LEG", "TIBIA", "FIBULA", "ANKLE", "FOOT", "HEEL", "TOE", "EXTREMITY",
-    "UPREXM", "LOWEREXM", "LWREXM", "KIDNEY", "ADRENAL", "OVARY", "TESTIS", "LUNG",
-})
-
-
-def _valid_patient_orientation(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    try:
-        values = [str(v).strip().upper() for v in value]
-    except TypeError:
-        return None
-    if len(values) != 2 or not all(v and _ORIENTATION_CODES.match(v) for v in values):
-        return None
-    return values
-
-
-def copy_orientation_and_laterality(target: "Dataset", source: "Dataset") -> None:
-    """Copy PatientOrientation, Laterality and BodyPartExamined to an image ``target``.
-
-    - PatientOrientation (Type 2C in the General Image module of SC and SEG):
-      copied when the source has two valid biped codes, otherwise written empty
-      (the outputs lie on the source pixel grid, so the source's orientation is
-      theirs; we never invent one).
-    - Laterality (General Series, Type 2C: only for paired body parts): on SC
-      images, the source's Laterality, or its ImageLaterality (R or L) when
-      BodyPartExamined is a paired part (ImageLaterality itself belongs to the
-      DX/MG/CR-family modules, not to SC/SEG). Never on SEG: dciodvfy rejects
-      series Laterality in the SEG IOD (laterality would go to the segment's
-      anatomic region there), and a chest is not paired anyway.
-    - BodyPartExamined: copied when present (hanging protocols use it).
-    """
-    if "PixelData" not in target:
-        return  # SR: these attributes are not part of the SR IODs
-    orientation = _valid_patient_orientation(source.get("PatientOrientation"))
-    target.PatientOrientation = orientation if orientation is not None else None
-    laterality = None
-    if target.get("SOPClassUID") != _SEGMENTATION_STORAGE:
-        laterality = source.get("Laterality")
-        body_part = str(source.get("BodyPartExamined") or "").upper()
-        if laterality not in ("R", "L") and body_part in _PAIRED_BODY_PARTS:
-            image_laterality = source.get("ImageLaterality")
-            laterality = image_laterality if image_laterality in ("R", "L") else None
-    if laterality in ("R", "L"):
-        target.Laterality = laterality
-    elif "Laterality" in target:
-        del target.Laterality
-    body_part = source.get("BodyPartExamined")
-    if body_part:
-        target.BodyPartExamined = str(body_part)[:16]
-
-
-_AGE_RE = re.compile(r"^\d{3}[DWMY]$")
-
-
-def _sanitize_copied_attributes(target: "Dataset") -> None:
-    """Drop copied optional attributes whose values are invalid for their VR.
-
-    highdicom copies the Patient/Study modules verbatim; a source with an
-    invalid Type 3 value (e.g. PatientAge "62" instead of "062Y" in the SIIM
-    test file) would make every output fail dciodvfy. We drop such values
-    rather than guess a correction (we do not rewrite patient data).
-    """
-    age = target.get("PatientAge")
-    if age is not None and age != "" and not _AGE_RE.match(str(age)):
-        del target.PatientAge
-    # Some highdicom versions copy the retired Other Patient IDs (0010,1000).
-    if (0x0010, 0x1000) in target:
-        del target[(0x0010, 0x1000)]
-
 
 def source_pixel_spacing(source: "Dataset") -> tuple[float, float] | None:
     """The source PixelSpacing as floats, or None when absent or not positive.
@@ -349,15 +277,17 @@ def finalize_output(
         if context.institutional_department_name is not None:
             target.InstitutionalDepartmentName = context.institutional_department_name
     target.SeriesDescription = series_description(kind, method, of_source)
-    copy_orientation_and_laterality(target, source)
-    _sanitize_copied_attributes(target)
+    from dicom_io.patient_study import copy_series_attributes, valid_value
+
+    copy_series_attributes(target, source)
     if "PixelData" in target and target.get("SOPClassUID") != _SEGMENTATION_STORAGE:
         # A derived image of a lossy-compressed source stays flagged as lossy.
-        if source.get("LossyImageCompression") == "01":
+        if valid_value(source, "LossyImageCompression") == "01":
             target.LossyImageCompression = "01"
             for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
-                if keyword in source:
-                    target[keyword] = source[keyword]
+                value = valid_value(source, keyword)
+                if value is not None:
+                    setattr(target, keyword, value)
     return target
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pydicom.uid as uids
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
@@ -40,6 +42,7 @@ from pydicom.uid import UID
 
 from dicom_io.errors import (
     BadDimensionsError,
+    BlankImageError,
     ColourImageError,
     CorruptPixelDataError,
     InvalidHeaderError,
@@ -60,6 +63,13 @@ logger = logging.getLogger(__name__)
 # worker allocate gigabytes for a corrupt or hostile file.
 MAX_SIDE = 16_384
 MAX_PIXELS = 64 * 2**20
+# Smallest accepted side. Below this a "radiograph" is an icon or a thumbnail:
+# nothing a chest classifier can read, and too small for the burned-in
+# "NOT FOR DIAGNOSTIC USE" labels of the outputs.
+MIN_SIDE = 64
+# A display whose (non-padding) pixels all lie within this range shows one grey
+# on an 8-bit screen: a blank image.
+BLANK_RANGE = 1.0 / 256
 
 # Robust display range used when the header carries no window and no VOI LUT.
 ROBUST_PERCENTILES = (0.5, 99.5)
@@ -89,6 +99,18 @@ _CROSS_SECTIONAL_SOP_CLASSES = frozenset(
         uids.OphthalmicTomographyImageStorage,
     }
 )
+
+# YBR photometrics with a single sample are luminance only: JPEG decoders return
+# the Y component, which is grey in MONOCHROME2 sense (a known mislabelling of
+# one-component JPEG by some converters).
+_LUMINANCE_ONLY_PHOTOMETRICS = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420"})
+# Raw detector data (PS3.3 C.8.11.1.1.1 Presentation Intent Type): not what a
+# radiologist sees; the default rules refuse it (pipeline.rules, reason for_processing).
+FOR_PROCESSING_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+})
 
 _COLOUR_PHOTOMETRICS = frozenset(
     {"RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
@@ -139,15 +161,93 @@ def read_radiograph(source: str | os.PathLike[str] | Dataset) -> SourceImage:
 
     check_header(ds)
     where = _describe(ds, path)
+    notes: list[str] = []
+    ds = _without_unparseable(ds, where, notes)
+    photometric = _photometric(ds, where)
+    if photometric in _LUMINANCE_ONLY_PHOTOMETRICS:
+        _note(notes, where, "luminance_only", f"PhotometricInterpretation {photometric} with one sample: "
+              "read as MONOCHROME2 (the decoder returns the luminance)")
+    if is_for_processing(ds):
+        _note(notes, where, "for_processing", "Presentation Intent FOR PROCESSING: raw detector data, "
+              "not the image a viewer shows")
     raw = _decode(ds, where)
-    values = _apply_modality_lut(raw, ds, where)
-    display = _apply_voi(values, ds, where)
-    if _photometric(ds, where) == "MONOCHROME1":
-        # MONOCHROME1: low values are bright. The Presentation LUT Shape INVERSE
-        # that DX/MG objects carry with MONOCHROME1 (PS3.3 C.8.11.7) describes
-        # this same inversion, so it is applied once, here, and not again.
+    padding = _padding_mask(raw, ds, where, notes)
+    values = _apply_modality_lut(raw, ds, where, notes)
+    display = _apply_voi(values, ds, where, notes, padding)
+    if _inverted(ds, photometric, where, notes):
         np.subtract(np.float32(1.0), display, out=display)
-    return SourceImage(dataset=ds, display=display, path=path)
+    if padding is not None:
+        display[padding] = 0.0  # padding is background: black, whatever the photometric
+    return SourceImage(dataset=ds, display=display, path=path, warnings=tuple(notes))
+
+
+def is_for_processing(ds: Dataset) -> bool:
+    """True for raw detector data: a "For Processing" SOP Class or Presentation Intent Type."""
+    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+    return intent == "FOR PROCESSING" or str(_sop_class(ds) or "") in FOR_PROCESSING_SOP_CLASSES
+
+
+def _note(notes: list[str], where: str, code: str, text: str) -> None:
+    """Record a reader decision on a doubtful header: logged and kept on the SourceImage."""
+    logger.warning("%s: %s: %s", where, code, text)
+    notes.append(f"{code}: {text}")
+
+
+def _inverted(ds: Dataset, photometric: str, where: str, notes: list[str]) -> bool:
+    """Whether the display is inverted: MONOCHROME1, or Presentation LUT Shape INVERSE.
+
+    PS3.3 C.11.6: the Presentation LUT Shape applies after the VOI LUT; INVERSE
+    means that the minimum output is white. DX/MG objects pair MONOCHROME1 with
+    INVERSE (C.8.11.7) to describe one and the same inversion, so it is applied
+    once. MONOCHROME2 with INVERSE is inverted (dcmtk and OHIF do so; a viewer
+    that ignores the shape shows white lungs) and noted. MONOCHROME1 with
+    IDENTITY contradicts itself: the photometric wins (as most viewers do) and
+    the conflict is noted. Other values are ignored with a note.
+    """
+    monochrome1 = photometric == "MONOCHROME1"
+    try:
+        shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    except _PYDICOM_ERRORS:
+        shape = "?"
+    if shape in ("", "IDENTITY") and not (monochrome1 and shape == "IDENTITY"):
+        return monochrome1
+    if shape == "INVERSE":
+        if not monochrome1:
+            _note(notes, where, "presentation_lut_inverse",
+                  "Presentation LUT Shape INVERSE on MONOCHROME2: the display is inverted")
+        return True
+    if shape == "IDENTITY":
+        _note(notes, where, "presentation_lut_conflict",
+              "Presentation LUT Shape IDENTITY on MONOCHROME1: inverted as MONOCHROME1 requires")
+        return True
+    _note(notes, where, "presentation_lut_ignored", "Presentation LUT Shape is not IDENTITY or INVERSE; ignored")
+    return monochrome1
+
+
+def _padding_mask(raw: np.ndarray, ds: Dataset, where: str, notes: list[str]) -> np.ndarray | None:
+    """Pixels that are padding (PS3.3 C.7.5.1.1.2), in stored values; None without padding.
+
+    Pixel Padding Value alone marks the pixels equal to it; with Pixel Padding
+    Range Limit, every stored value between the two (inclusive). Padding is
+    left out of the automatic window and displayed as background (black).
+    """
+    if ds.get("PixelPaddingValue") in (None, "", b""):
+        return None
+    try:
+        value = int(_first_value(ds.PixelPaddingValue))
+        limit = ds.get("PixelPaddingRangeLimit")
+        limit = int(_first_value(limit)) if limit not in (None, "") else value
+    except (*_PYDICOM_ERRORS, TypeError) as exc:
+        _note(notes, where, "padding_ignored", f"unreadable PixelPaddingValue / PixelPaddingRangeLimit "
+              f"({type(exc).__name__}); no padding assumed")
+        return None
+    low, high = min(value, limit), max(value, limit)
+    mask = (raw >= low) & (raw <= high) if low != high else raw == low
+    if not mask.any():
+        return None
+    if mask.all():
+        raise BlankImageError("every pixel is padding (PixelPaddingValue / PixelPaddingRangeLimit)", source=where)
+    return mask
 
 
 def check_header(ds: Dataset, *, require_pixel_data: bool = True) -> None:
@@ -166,8 +266,30 @@ def check_header(ds: Dataset, *, require_pixel_data: bool = True) -> None:
     _check_dimensions(ds, where)
     _rescale(ds, where)
     transfer_syntax = _check_transfer_syntax(ds, where)
+    _check_identifiers(ds, where)
     if require_pixel_data:
         _check_pixel_data(ds, transfer_syntax, where)
+
+
+def _check_identifiers(ds: Dataset, where: str) -> None:
+    """Study, Series and SOP Instance UIDs and the SOP Class UID: present and valid (PS3.5 9.1).
+
+    Outputs go into the source's study and reference its series and instance:
+    without these UIDs there is no study to write into, and an invalid one would
+    be copied into every reference. Refused here, at read time.
+    """
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        try:
+            value = ds.get(keyword)
+        except _PYDICOM_ERRORS:
+            value = "?"
+        text = str(value or "").strip().rstrip("\x00")
+        if not text:
+            raise InvalidHeaderError(f"no {keyword}: there is no study/series/instance to write results into",
+                                     source=where, reason="missing_uid")
+        if isinstance(value, (MultiValue, list, tuple)) or not _is_plain_uid(text) \
+                or any(part != "0" and part.startswith("0") for part in text.split(".")):
+            raise InvalidHeaderError(f"{keyword} is not a valid UID", source=where, reason="invalid_uid")
 
 
 # --------------------------------------------------------------------------- reading
@@ -238,8 +360,15 @@ def _raise_if_cut_inside_pixel_data(path: Path) -> None:
 
 
 def _decode(ds: Dataset, where: str) -> np.ndarray:
+    view = ds
+    if _photometric(ds, where) in _LUMINANCE_ONLY_PHOTOMETRICS:
+        # pydicom refuses YBR with one sample; decode a view that says what it is,
+        # with its own element (the source dataset is left as it came).
+        view = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})
+        view.file_meta = ds.file_meta
+        view[0x00280004] = DataElement(0x00280004, "CS", "MONOCHROME2")
     try:
-        raw = pixel_array(ds)
+        raw = pixel_array(view)
     except NotImplementedError as exc:
         raise UnsupportedTransferSyntaxError(
             f"the decoder for {_transfer_syntax(ds).name} cannot decode this encoding ({_cause(exc, ds)})",
@@ -265,30 +394,59 @@ def _check_parseable(ds: Dataset, where: str) -> None:
 
     pydicom converts raw elements lazily: without this, a malformed value would
     raise an untyped pydicom error at whichever later access touched it first,
-    possibly in a writer long after the reader accepted the file.
+    possibly in a writer long after the reader accepted the file. An unparseable
+    element the image depends on (File Meta, the image pixel / LUT group 0028,
+    Pixel Data, the identifying UIDs) refuses the file; any other (a patient
+    weight of ``abc``) is left out of the image that ``read_radiograph``
+    returns, with a note (``_without_unparseable``).
     """
     for part in (getattr(ds, "file_meta", None), ds):
-        found = _first_unparseable_element(part) if part is not None else None
-        if found is not None:
-            tag, exc = found
+        for tag, exc in _unparseable_elements(part) if part is not None else ():
+            if part is ds and not _essential(tag):
+                continue
             # Only the error's type: its text can quote raw bytes of the header.
             raise UnreadableFileError(
                 f"element {tag} cannot be parsed ({type(exc).__name__})", source=where, reason="unparseable"
             ) from exc
 
 
-def _first_unparseable_element(dataset: Dataset) -> tuple[object, BaseException] | None:
+_ESSENTIAL_GROUPS = frozenset({0x0002, 0x0028, 0x7FE0})
+_ESSENTIAL_TAGS = frozenset({0x00080005, 0x00080016, 0x00080018, 0x00080060, 0x00080068, 0x0020000D, 0x0020000E})
+
+
+def _essential(tag) -> bool:
+    return tag.group in _ESSENTIAL_GROUPS or int(tag) in _ESSENTIAL_TAGS
+
+
+def _unparseable_elements(dataset: Dataset) -> list[tuple[object, BaseException]]:
+    """(top-level tag, error) of every element that cannot be converted, nested items included."""
+    found = []
     for tag in list(dataset.keys()):
         try:
             element = dataset[tag]
             items = element.value if element.VR == "SQ" else ()
+            for item in items:
+                nested = _unparseable_elements(item)
+                if nested:
+                    raise nested[0][1]
         except _PYDICOM_ERRORS as exc:
-            return tag, exc
-        for item in items:
-            found = _first_unparseable_element(item)
-            if found is not None:
-                return found
-    return None
+            found.append((tag, exc))
+    return found
+
+
+def _without_unparseable(ds: Dataset, where: str, notes: list[str]) -> Dataset:
+    """``ds``, or a copy without the unparseable elements that ``_check_parseable`` let pass."""
+    bad = {tag for tag, _ in _unparseable_elements(ds)}
+    if not bad:
+        return ds
+    for tag in sorted(bad):
+        keyword = keyword_for_tag(tag) or "private or unknown"
+        _note(notes, where, "unparseable_left_out", f"element {tag} ({keyword}) cannot be parsed; left out")
+    clean = Dataset({tag: ds.get_item(tag) for tag in ds.keys() if tag not in bad})
+    clean.file_meta = ds.file_meta
+    if getattr(ds, "filename", None):
+        clean.filename = ds.filename
+    return clean
 
 
 def _check_is_image(ds: Dataset, where: str) -> None:
@@ -346,6 +504,8 @@ def _check_projection(ds: Dataset, where: str) -> None:
 def _check_grayscale(ds: Dataset, where: str) -> None:
     samples = _required_int(ds, "SamplesPerPixel", where)
     photometric = _photometric(ds, where)
+    if samples == 1 and photometric in _LUMINANCE_ONLY_PHOTOMETRICS:
+        return  # luminance only: grey (read_radiograph notes it)
     if samples != 1 or photometric in _COLOUR_PHOTOMETRICS:
         raise ColourImageError(
             f"SamplesPerPixel {samples}, PhotometricInterpretation {photometric}: not a grayscale image",
@@ -373,6 +533,11 @@ def _check_dimensions(ds: Dataset, where: str) -> None:
     columns = _required_int(ds, "Columns", where)
     if rows < 1 or columns < 1:
         raise BadDimensionsError(f"Rows x Columns is {rows} x {columns}", source=where, reason="zero_dimensions")
+    if rows < MIN_SIDE or columns < MIN_SIDE:
+        raise BadDimensionsError(
+            f"Rows x Columns is {rows} x {columns}; the smallest radiograph read is {MIN_SIDE} per side",
+            source=where, reason="too_small",
+        )
     if rows > MAX_SIDE or columns > MAX_SIDE or rows * columns > MAX_PIXELS:
         raise BadDimensionsError(
             f"Rows x Columns is {rows} x {columns}; the limit is {MAX_SIDE} per side and {MAX_PIXELS} pixels",
@@ -457,15 +622,20 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: UID, where: str) -> None:
 # --------------------------------------------------------------------------- grayscale pipeline
 
 
-def _apply_modality_lut(raw: np.ndarray, ds: Dataset, where: str) -> np.ndarray:
-    """Stored values -> modality values (PS3.3 C.11.1): integer LUT output or float32."""
+def _apply_modality_lut(raw: np.ndarray, ds: Dataset, where: str, notes: list[str]) -> np.ndarray:
+    """Stored values -> modality values (PS3.3 C.11.1): integer LUT output or float32.
+
+    One rule for every LUT (Modality and VOI alike): an unusable LUT item (empty,
+    malformed, constant) is treated as absent, with a note, and the next step of
+    the PS3.3 C.11 pipeline applies (here Rescale Slope/Intercept, else identity),
+    as dcmtk and most viewers do.
+    """
     if ds.get("ModalityLUTSequence"):
         try:
             return apply_modality_lut(raw, ds)
         except _PYDICOM_ERRORS as exc:
-            raise InvalidHeaderError(
-                f"unusable ModalityLUTSequence ({_cause(exc, ds)})", source=where, reason="invalid_attribute"
-            ) from exc
+            _note(notes, where, "modality_lut_ignored",
+                  f"unusable ModalityLUTSequence ({type(exc).__name__}); treated as absent")
 
     rescale = _rescale(ds, where)
     if rescale is None:
@@ -483,23 +653,44 @@ def _apply_modality_lut(raw: np.ndarray, ds: Dataset, where: str) -> np.ndarray:
     return values
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset, where: str) -> np.ndarray:
-    """Modality values -> float32 in [0, 1] via the VOI LUT, the first window, or a robust range."""
+def _apply_voi(values: np.ndarray, ds: Dataset, where: str, notes: list[str],
+               padding: np.ndarray | None = None) -> np.ndarray:
+    """Modality values -> float32 in [0, 1] via the VOI LUT, the first window, or a robust range.
+
+    A header VOI that shows every (non-padding) pixel as one grey is unusable
+    like a malformed one: noted, and the next step applies. An image that is
+    blank even in its robust range is refused (``BlankImageError``).
+    """
     if ds.get("VOILUTSequence"):
-        table = _voi_lut_table(ds, where)
+        table = _voi_lut_table(ds, where, notes)
         if table is not None:
-            return _apply_lut_table(values, *table)
-    window = _first_window(ds, where)
+            display = _apply_lut_table(values, *table)
+            if not _blank(display, padding):
+                return display
+            _note(notes, where, "voi_blank", "VOILUTSequence maps every pixel to one value; trying the window")
+    window = _first_window(ds, where, notes)
     if window is not None:
-        return _apply_window(values, *window)
+        display = _apply_window(values, *window)
+        if not _blank(display, padding):
+            return display
+        _note(notes, where, "voi_blank",
+              "WindowCenter/WindowWidth map every pixel to one value; using the robust range")
     # No usable VOI in the header (common for Secondary Capture and some CR):
     # stretch the 0.5-99.5 percentile range of the modality values, so that a
     # few extreme pixels (collimator edges, burned-in markers) do not flatten
-    # the contrast of the anatomy.
-    return _apply_robust_range(values)
+    # the contrast of the anatomy. Padding is left out of the range.
+    display = _apply_robust_range(values, padding)
+    if _blank(display, padding):
+        raise BlankImageError("every pixel has the same value: nothing to display", source=where)
+    return display
 
 
-def _voi_lut_table(ds: Dataset, where: str) -> tuple[np.ndarray, int] | None:
+def _blank(display: np.ndarray, padding: np.ndarray | None) -> bool:
+    shown = display if padding is None else display[~padding]
+    return shown.size == 0 or float(shown.max()) - float(shown.min()) < BLANK_RANGE
+
+
+def _voi_lut_table(ds: Dataset, where: str, notes: list[str]) -> tuple[np.ndarray, int] | None:
     """The first VOI LUT as a float32 table scaled to [0, 1], and its first mapped value.
 
     Decoded here rather than with pydicom's ``apply_voi``: pydicom 3.0.2 builds
@@ -511,11 +702,11 @@ def _voi_lut_table(ds: Dataset, where: str) -> tuple[np.ndarray, int] | None:
         nr_entries, first_mapped, _bits = (int(v) for v in item.LUTDescriptor)
         table = _lut_data(item, ds, nr_entries or 2**16)
     except _PYDICOM_ERRORS as exc:
-        logger.warning("%s: unusable VOILUTSequence (%s); trying the window instead", where, _cause(exc, ds))
+        _note(notes, where, "voi_lut_ignored", f"unusable VOILUTSequence ({type(exc).__name__}); trying the window")
         return None
     low, high = float(table.min()), float(table.max())
     if high <= low:
-        logger.warning("%s: VOILUTSequence is constant; trying the window instead", where)
+        _note(notes, where, "voi_lut_ignored", "VOILUTSequence is constant; trying the window")
         return None
     # Scaled by the LUT's own output range rather than 2**bits of its descriptor:
     # descriptors declaring 16 bits for 12-bit data are a known vendor error
@@ -549,7 +740,7 @@ def _apply_lut_table(values: np.ndarray, table: np.ndarray, first_mapped: int) -
     return table[index]
 
 
-def _first_window(ds: Dataset, where: str) -> tuple[float, float, str] | None:
+def _first_window(ds: Dataset, where: str, notes: list[str]) -> tuple[float, float, str] | None:
     """(center, width, function) of the first window, or None if there is no usable one."""
     has_center, has_width = "WindowCenter" in ds, "WindowWidth" in ds
     if not has_center and not has_width:
@@ -559,8 +750,8 @@ def _first_window(ds: Dataset, where: str) -> tuple[float, float, str] | None:
         width = _first_value(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
     except _PYDICOM_ERRORS as exc:
-        logger.warning("%s: unreadable WindowCenter/WindowWidth (%s); using the robust range", where,
-                       _cause(exc, ds))
+        _note(notes, where, "window_ignored",
+              f"unreadable WindowCenter/WindowWidth ({type(exc).__name__}); using the robust range")
         return None
     problem = None
     if center is None or width is None or not (math.isfinite(center) and math.isfinite(width)):
@@ -573,7 +764,7 @@ def _first_window(ds: Dataset, where: str) -> tuple[float, float, str] | None:
     if problem is not None:
         # Not silent: logged with the attribute at fault. The robust range is the
         # same display the reader gives any image that has no window at all.
-        logger.warning("%s: %s; using the robust range instead", where, problem)
+        _note(notes, where, "window_ignored", f"{problem}; using the robust range")
         return None
     return center, width, function
 
@@ -600,16 +791,21 @@ def _apply_window(values: np.ndarray, center: float, width: float, function: str
     return _rescale_to_unit(out, low, span)
 
 
-def _apply_robust_range(values: np.ndarray) -> np.ndarray:
+def _apply_robust_range(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
     step = max(1, math.isqrt(values.size // _PERCENTILE_SAMPLE))
     sample = values[::step, ::step]
+    shown = values if padding is None else values[~padding]
+    if padding is not None:
+        sample = sample[~padding[::step, ::step]]
+        if sample.size == 0:
+            sample = shown
     low, high = (float(v) for v in np.percentile(sample, ROBUST_PERCENTILES))
     if high <= low:
         # More than 99% of the pixels share one value (e.g. a mostly black
         # screenshot): the full range is the only one that shows anything.
-        low, high = float(values.min()), float(values.max())
+        low, high = float(shown.min()), float(shown.max())
     if high <= low:
-        # A constant image has nothing to show; black rather than NaN.
+        # A constant image has nothing to show; black rather than NaN (the caller refuses it).
         return np.zeros(values.shape, dtype=np.float32)
     out = values.astype(np.float32, copy=values.dtype != np.float32)
     return _rescale_to_unit(out, low, high - low)
@@ -744,4 +940,5 @@ def _first_value(value) -> float | None:
     return float(value)
 
 
-__all__ = ["MAX_PIXELS", "MAX_SIDE", "ROBUST_PERCENTILES", "check_header", "read_radiograph"]
+__all__ = ["MAX_PIXELS", "MAX_SIDE", "MIN_SIDE", "ROBUST_PERCENTILES", "check_header", "is_for_processing",
+           "read_radiograph"]

@@ -69,11 +69,11 @@ from dicom_io.output import (
     check_text,
     contributing_equipment,
     finalize_output,
-    header_only,
     series_description,
     source_label,
     source_pixel_spacing,
 )
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import derived_uid, instance_uid, series_uid
 
@@ -254,7 +254,7 @@ def saliency_seg(
     # highdicom takes the PATIENT coordinate system (and writes the Frame of
     # Reference module and plane functional groups) only for a source with a
     # frame of reference and a position: hand it a header with the geometry.
-    ref = header_only(ds, drop_invalid_pixel_spacing=True)
+    ref = writer_reference(source, drop_invalid_pixel_spacing=True)
     ref.FrameOfReferenceUID = geometry.frame_of_reference_uid
     ref.ImageOrientationPatient = list(geometry.image_orientation)
     ref.ImagePositionPatient = list(geometry.image_position)

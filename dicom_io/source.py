@@ -1,7 +1,7 @@
 """The decoded source radiograph that flows from the reader to preprocessing and writers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,10 @@ class SourceImage:
     dataset: Dataset
     display: np.ndarray
     path: Path | None = None
+    #: what the reader decided about doubtful headers, ``"code: text"`` (no patient data).
+    warnings: tuple[str, ...] = ()
+    #: per-source memo of derived headers (``dicom_io.patient_study.writer_reference``).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:

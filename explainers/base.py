@@ -8,6 +8,8 @@ lets attribution methods be swapped.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
 import math
 from abc import ABC, abstractmethod
@@ -22,6 +24,9 @@ Check = float | bool | str
 
 @dataclass
 class Explanation:
+    """What every method returns (DESIGN.md "The explainer interface"); shapes are
+    checked on construction (ValueError naming the field)."""
+
     probability: torch.Tensor  # (B,) P(positive) of the input
     saliency: torch.Tensor  # (B, H, W) in [0, 1]: where the evidence lies
     counterfactuals: torch.Tensor | None = None  # (B, T, C, H, W); last step = full counterfactual
@@ -41,13 +46,27 @@ class Explanation:
 
 
 class Explainer(ABC):
-    """Base class. Subclasses set ``name`` and ``version`` and implement ``explain``."""
+    """Base class of every method. Subclasses are registered with ``@register(name)``,
+    set ``version``, implement ``explain`` and, when they need trained networks,
+    declare them in ``bundle_networks`` so that ``from_bundle`` can build them.
+
+    ``threshold``: the bundle's decision threshold on P(positive), in [0, 1]; a case is
+    called positive when P(positive) >= threshold. ``parameters``: the method's
+    settings, part of the output UIDs (``settings_key``).
+    """
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     # The bundle.yaml explainers section whose trained networks the method needs
     # (None: it needs only the classifier). medxgan_ig uses medxgan's networks.
     bundle_section: ClassVar[str | None] = None
+    # The trained networks the constructor takes: keyword -> (network class, the key of
+    # bundle.yaml's parameters that holds its constructor arguments).
+    bundle_networks: ClassVar[dict[str, tuple[Callable[..., nn.Module], str]]] = {}
+    # Networks a bundle may lack (the constructor then gets none for them).
+    optional_networks: ClassVar[tuple[str, ...]] = ()
+    # Older names of a network's weights in bundle.yaml: keyword -> name (bundles written before a rename).
+    weight_aliases: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, threshold: float = 0.5, **parameters: Any):
         self.threshold = float(threshold)
@@ -55,13 +74,52 @@ class Explainer(ABC):
 
     @classmethod
     def from_bundle(cls, bundle: Any, **parameters: Any) -> "Explainer":
-        """Build for a bundle: its decision threshold, plus whatever the method needs
-        from it (methods with trained networks override this to load their weights)."""
-        return cls(**{"threshold": bundle.spec.task.threshold, **parameters})
+        """Build for a bundle: its decision threshold, the trained networks of
+        ``bundle_networks`` (weights verified by hash), and as defaults every
+        constructor parameter stored in bundle.yaml's ``explainers.<section>.parameters``;
+        ``parameters`` override them.
+
+        Raises ``explainers.bundle.BundleError`` (naming the ``medxplain train`` command)
+        when the bundle lacks a network, or when the weights do not fit the stored settings.
+        """
+        kwargs: dict[str, Any] = {}
+        if cls.bundle_section is not None:
+            section = bundle.spec.explainers.get(cls.bundle_section)
+            weights = section.weights if section is not None else {}
+            for keyword, (build, settings) in cls.bundle_networks.items():
+                part = keyword
+                if part not in weights and cls.weight_aliases.get(keyword) in weights:
+                    part = cls.weight_aliases[keyword]
+                if part not in weights and keyword in cls.optional_networks:
+                    continue
+                kwargs[keyword] = bundle.load_network(cls.bundle_section, part, build, settings=settings)
+            names = cls.parameter_names()
+            kwargs.update({k: v for k, v in (section.parameters if section is not None else {}).items()
+                           if k in names})
+        return cls(**{"threshold": bundle.spec.task.threshold, **kwargs, **parameters})
+
+    @classmethod
+    def parameter_names(cls) -> set[str]:
+        """The constructor's keyword parameters (over the class hierarchy), networks and threshold excepted."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            names |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+        return names - set(cls.bundle_networks) - {"threshold"}
 
     @abstractmethod
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
-        """images (B, C, H, W) in model space [0, 1]; classifier returns the positive logit (B,)."""
+        """Explain the classifier's decision on each image.
+
+        ``images``: (B, C, H, W) float in model space [0, 1], at the bundle's input size,
+        on the device the method runs on. ``classifier``: maps images to the logit of the
+        positive class, shape (B,) (``explainers.networks.BinaryClassifier``); it is
+        left in eval mode without parameter gradients. Returns an ``Explanation``: the
+        result for an image never depends on the rest of its batch.
+        """
 
     def settings_key(self, bundle_sha256: str) -> str:
         """Stable short hash of method + version + parameters + bundle: part of output UIDs."""
@@ -71,9 +129,20 @@ class Explainer(ABC):
 
 
 _REGISTRY: dict[str, Callable[..., Explainer]] = {}
+# The modules that register the shipped methods; imported on the first look-up, so
+# that the registry is complete whoever asks (no side-effect imports elsewhere).
+METHOD_MODULES = ("explainers.baselines", "explainers.cia", "explainers.exaggeration", "explainers.gvr",
+                  "explainers.medxgan", "explainers.sagen")
+
+
+def _registry() -> dict[str, Callable[..., Explainer]]:
+    for module in METHOD_MODULES:
+        importlib.import_module(module)  # a no-op once imported
+    return _REGISTRY
 
 
 def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator: register an ``Explainer`` under ``name`` (ValueError if taken)."""
     def decorate(cls: type[Explainer]) -> type[Explainer]:
         if name in _REGISTRY:
             raise ValueError(f"explainer {name!r} registered twice")
@@ -84,19 +153,21 @@ def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered method names, sorted."""
+    return sorted(_registry())
 
 
 def create(name: str, **kwargs: Any) -> Explainer:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown explainer {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name](**kwargs)
+    """``explainer_class(name)(**kwargs)``. Raises KeyError naming the available methods."""
+    return explainer_class(name)(**kwargs)
 
 
 def explainer_class(name: str) -> type[Explainer]:
-    if name not in _REGISTRY:
+    """The class registered as ``name``. Raises KeyError naming the available methods."""
+    registry = _registry()
+    if name not in registry:
         raise KeyError(f"unknown explainer {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name]  # type: ignore[return-value]
+    return registry[name]  # type: ignore[return-value]
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -137,4 +208,5 @@ def threshold_logit(threshold: float) -> float:
 
 
 def decision_signs(probability: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) +1.0 for cases called positive (P >= threshold), -1.0 for the others."""
     return torch.where(probability >= threshold, 1.0, -1.0)

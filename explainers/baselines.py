@@ -30,6 +30,8 @@ class GradCAMExplainer(Explainer):
     version = "1"
 
     def __init__(self, *, cam_layer: str, threshold: float = 0.5):
+        """Selvaraju et al. 2017 (MONAI GradCAM). ``cam_layer``: the classifier's feature
+        layer, a module path inside the network (bundle.yaml ``classifier.cam_layer``)."""
         super().__init__(threshold=threshold, cam_layer=cam_layer)
         self.cam_layer = cam_layer
 
@@ -39,6 +41,11 @@ class GradCAMExplainer(Explainer):
         return super().from_bundle(bundle, **parameters)
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """saliency (B, H, W) in [0, 1] for the class the classifier called; no
+        counterfactuals. checks: saliency_peak_raw.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         probability = _predict(classifier, images)
         wrapped = TargetLogit(classifier, decision_signs(probability, self.threshold)).to(images.device)
         # MONAI's default postprocessing maps (min, max) to (1, 0), i.e. inverts the
@@ -60,12 +67,20 @@ class IntegratedGradientsExplainer(Explainer):
 
     def __init__(self, *, steps: int = 50, internal_batch_size: int = 16, smoothing_sigma: float = 1.5,
                  threshold: float = 0.5):
+        """Sundararajan et al. 2017 (Captum, Gauss-Legendre). ``steps`` >= 2 integration
+        points; ``internal_batch_size`` images per pass; ``smoothing_sigma`` in pixels.
+        Raises ValueError for steps < 2."""
         if steps < 2:
             raise ValueError(f"ig steps must be >= 2, got {steps}")
         super().__init__(threshold=threshold, steps=steps, smoothing_sigma=smoothing_sigma)
         self.steps, self.internal_batch_size, self.smoothing_sigma = steps, internal_batch_size, smoothing_sigma
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """saliency (B, H, W) in [0, 1] for the class the classifier called; no
+        counterfactuals. checks: completeness_delta, completeness_relative.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         probability = _predict(classifier, images)
         wrapped = TargetLogit(classifier, decision_signs(probability, self.threshold)).to(images.device)
         ig = IntegratedGradients(wrapped)
@@ -95,12 +110,19 @@ class OcclusionExplainer(Explainer):
 
     def __init__(self, *, window: int = 16, stride: int = 8, perturbations_per_eval: int = 64,
                  threshold: float = 0.5):
+        """Zeiler & Fergus 2014 (Captum Occlusion). ``window`` and ``stride`` in pixels,
+        0 < stride <= window (else ValueError); ``perturbations_per_eval``: patches per pass."""
         if not 0 < stride <= window:
             raise ValueError(f"occlusion needs 0 < stride <= window, got stride={stride}, window={window}")
         super().__init__(threshold=threshold, window=window, stride=stride)
         self.window, self.stride, self.perturbations_per_eval = window, stride, perturbations_per_eval
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """saliency (B, H, W) in [0, 1] for the class the classifier called; no
+        counterfactuals. checks: none beyond the probability.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         probability = _predict(classifier, images)
         wrapped = TargetLogit(classifier, decision_signs(probability, self.threshold)).to(images.device)
         channels = images.shape[1]

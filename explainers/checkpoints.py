@@ -7,7 +7,6 @@ Both are our own files, read with ``weights_only=True`` (no arbitrary objects).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import torch
 
 @dataclass
 class TrainingState:
+    """Where a run stands: the next epoch, the best so far and the log rows."""
+
     start_epoch: int = 0
     best_epoch: int = -1
     best_key: tuple[float, ...] | None = None
@@ -28,6 +29,8 @@ class TrainingState:
 
 
 class EpochCheckpoints:
+    """last.ckpt and best.ckpt of one training folder, refused for another setup (``fingerprint``)."""
+
     def __init__(self, directory: Path, fingerprint: str, parts: dict[str, Any], best_parts: tuple[str, ...]):
         """``parts``: name -> module or optimiser (anything with state_dict / load_state_dict);
         ``best_parts``: the names whose weights best.ckpt keeps."""
@@ -35,6 +38,8 @@ class EpochCheckpoints:
         self.last, self.best = directory / "last.ckpt", directory / "best.ckpt"
 
     def resume(self) -> TrainingState:
+        """Load last.ckpt into the parts (ValueError if written for another setup);
+        a fresh state when there is none."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.last.exists():
             if self.best.exists():
@@ -69,26 +74,8 @@ class EpochCheckpoints:
         return improved
 
     def load_best(self) -> None:
+        """Load best.ckpt's parts (a no-op when no epoch finished)."""
         if self.best.exists():
             saved = torch.load(self.best, weights_only=True)
             for name in self.best_parts:
                 self.parts[name].load_state_dict(saved[name])
-
-
-def gan_checkpoints(directory: Path, *, generator: Any, discriminator: Any, opt_g: Any, opt_d: Any,
-                    n_train: int, settings: dict[str, Any], extra_parts: dict[str, Any] | None = None,
-                    best_parts: tuple[str, ...] = ("generator",)) -> EpochCheckpoints:
-    """Checkpoints of a generator/discriminator pair (plus ``extra_parts``, e.g. an encoder
-    and its optimiser); best.ckpt keeps ``best_parts``.
-
-    The fingerprint is what a checkpoint must share with a later call to be resumed:
-    the networks, the training set size and every setting except epochs and device.
-    """
-    extra_parts = extra_parts or {}
-    setup = {k: v for k, v in settings.items() if k not in ("epochs", "device")}
-    networks = {name: part.config() for name, part in extra_parts.items() if hasattr(part, "config")}
-    fingerprint = json.dumps({"generator": generator.config(), **networks, "n_train": n_train, **setup},
-                             sort_keys=True)
-    return EpochCheckpoints(directory, fingerprint, {
-        "generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d, **extra_parts},
-        best_parts=best_parts)

@@ -16,13 +16,17 @@ Extension of the paper (both directions). The paper's inpainter is trained on
 healthy tissue, so it can only *remove* a finding. Validity is measured on every
 case here, so two inpainters with identical architecture and training are kept:
 
-- ``fill_normal``, trained on NORMAL images (the paper's setting): used for cases
-  the classifier calls positive (what must be removed for it to call them normal?);
-- ``fill_pneumonia``, trained on PNEUMONIA images: used for cases the classifier
-  calls negative (where would pneumonia have to be for it to call them positive?).
+- ``fill_negative``, trained on images of the negative class (NORMAL: the paper's
+  setting): used for cases the classifier calls positive (what must be removed for
+  it to call them negative?);
+- ``fill_positive``, trained on images of the positive class (e.g. PNEUMONIA): used
+  for cases the classifier calls negative (where would the finding have to be for
+  it to call them positive?).
 
-The training sets are chosen by the ground-truth labels (what healthy or diseased
-tissue looks like), never by the classifier.
+The training sets are chosen by the ground-truth labels (what tissue of each class
+looks like), never by the classifier. Bundles written before the task-neutral names
+store the two networks as ``fill_normal`` and ``fill_pneumonia``; they load as
+``fill_negative`` and ``fill_positive``.
 
 Design details:
 - Inpainter: MONAI BasicUNet (instance norm) at a 64 px working size; input
@@ -54,13 +58,13 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 from torch import nn
 
+from explainers._helpers import frozen
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
+from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
-from explainers.training import frozen
 
 # Default widths: (level 0..4, decoder output). 1.8 M parameters per inpainter.
 DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
-FILLS = ("normal", "pneumonia")  # fill_normal: for cases called positive; fill_pneumonia: called negative
 _PROBE_SEED = 20200  # the fixed held-out mask on which the inpainter's own error is measured
 
 
@@ -162,11 +166,23 @@ class CiaExplainer(Explainer):
 
     version = "1"
     bundle_section = "cia"
+    bundle_networks = {"fill_negative": (Inpainter, "network"), "fill_positive": (Inpainter, "network")}
+    weight_aliases = {"fill_negative": "fill_normal", "fill_positive": "fill_pneumonia"}
 
-    def __init__(self, *, fill_normal: Inpainter, fill_pneumonia: Inpainter, steps: int = 1,
+    def __init__(self, *, fill_negative: Inpainter, fill_positive: Inpainter, steps: int = 1,
                  search_steps: int = 60, learning_rate: float = 0.4, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 3.0, mask_size: int = 16,
                  initial_mask: float = 0.1, threshold: float = 0.5):
+        """Major et al. 2020 (method section: the mask objective with area and total
+        variation terms), in both directions (see the module docstring).
+
+        ``fill_negative`` / ``fill_positive``: the trained ``Inpainter`` of each class.
+        ``steps`` >= 1: images on the path scaling the mask from 0 to m. ``search_steps``,
+        ``learning_rate``, ``tolerance``, ``patience``: the per-image Adam budget.
+        ``margin`` >= 0 (logits), ``area_weight`` (lambda1) >= 0, ``tv_weight`` (lambda2)
+        >= 0, ``mask_size`` >= 2 (side of the mask's logit grid), ``initial_mask`` in
+        (0, 1). Raises ValueError for values out of these ranges.
+        """
         if int(steps) < 1:
             raise ValueError(f"cia steps must be >= 1, got {steps}")
         if int(mask_size) < 2:
@@ -182,38 +198,33 @@ class CiaExplainer(Explainer):
                          learning_rate=budget.learning_rate, tolerance=budget.tolerance, patience=budget.patience,
                          margin=float(margin), area_weight=float(area_weight), tv_weight=float(tv_weight),
                          mask_size=int(mask_size), initial_mask=float(initial_mask))
-        self.fill_normal, self.fill_pneumonia = fill_normal.eval(), fill_pneumonia.eval()
+        self.fill_negative, self.fill_positive = fill_negative.eval(), fill_positive.eval()
         self.steps, self.budget = int(steps), budget
         self.margin, self.area_weight, self.tv_weight = float(margin), float(area_weight), float(tv_weight)
         self.mask_size, self.initial_mask = int(mask_size), float(initial_mask)
-
-    PARAMETERS = ("steps", "search_steps", "learning_rate", "tolerance", "patience", "margin", "area_weight",
-                  "tv_weight", "mask_size", "initial_mask")
-
-    @classmethod
-    def from_bundle(cls, bundle: Any, **parameters: Any) -> "CiaExplainer":
-        fill_normal = bundle.load_network("cia", "fill_normal", Inpainter)
-        fill_pneumonia = bundle.load_network("cia", "fill_pneumonia", Inpainter)
-        spec = bundle.spec.explainers["cia"]
-        defaults = {k: spec.parameters[k] for k in cls.PARAMETERS if k in spec.parameters}
-        return cls(fill_normal=fill_normal, fill_pneumonia=fill_pneumonia, threshold=bundle.spec.task.threshold,
-                   **{**defaults, **parameters})
 
     def _masks(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(torch.sigmoid(logits), size=size, mode="bilinear", align_corners=False)
 
     def _infill(self, images: torch.Tensor, masks: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Cases called positive are filled by fill_normal, the others by fill_pneumonia."""
+        """Cases called positive are filled by fill_negative, the others by fill_positive."""
         out = torch.empty_like(images)
-        for network, chosen in ((self.fill_normal, positive), (self.fill_pneumonia, ~positive)):
+        for network, chosen in ((self.fill_negative, positive), (self.fill_positive, ~positive)):
             if chosen.any():
                 out[chosen] = network(images[chosen], masks[chosen])
         return out
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Per-image mask search: saliency (B, H, W) in [0, 1] = the mask; counterfactuals
+        (B, steps, C, H, W), the last the infilled image; checks: flipped,
+        counterfactual_probability, proximity_l1, steps_used, goal_reached, mask_area,
+        inpainting_l1, fill ("negative" / "positive": which inpainter filled).
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         device = images.device
-        self.fill_normal.to(device).eval().requires_grad_(False)
-        self.fill_pneumonia.to(device).eval().requires_grad_(False)
+        self.fill_negative.to(device).eval().requires_grad_(False)
+        self.fill_positive.to(device).eval().requires_grad_(False)
         batch, size = images.shape[0], tuple(images.shape[-2:])
         offset = threshold_logit(self.threshold)
         with torch.no_grad():
@@ -252,18 +263,16 @@ class CiaExplainer(Explainer):
             logits = classifier(path.flatten(0, 1)).reshape(-1).float()
             path_probability = torch.sigmoid(logits).reshape(batch, self.steps)
             saliency = normalise_maps(masks[:, 0])
-            proximity = (counterfactual - images).abs().flatten(1).mean(dim=1)
             area = masks.flatten(1).mean(dim=1)
             inpainting = self.inpainting_error(images, called)
+        common = counterfactual_checks(probability, path_probability[:, -1], images, counterfactual, self.threshold)
         checks = [{
-            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
-            "counterfactual_probability": float(path_probability[i, -1]),
-            "proximity_l1": float(proximity[i]),
+            **common[i],
             "steps_used": int(result.steps_used[i]),
             "goal_reached": bool(result.reached[i]),
             "mask_area": float(area[i]),
             "inpainting_l1": float(inpainting[i]),
-            "fill": "normal" if called[i] else "pneumonia",
+            "fill": "negative" if called[i] else "positive",
         } for i in range(batch)]
         return Explanation(probability=probability, saliency=saliency, counterfactuals=path,
                            path_probability=path_probability, checks=checks)
@@ -273,7 +282,7 @@ class CiaExplainer(Explainer):
         """(B,) the inpainter's own reconstruction error on this image: mean |fill - x| inside
         a fixed held-out mask (25% of the image), at the inpainter's working size."""
         errors = torch.empty(images.shape[0], device=images.device)
-        for network, chosen in ((self.fill_normal, called), (self.fill_pneumonia, ~called)):
+        for network, chosen in ((self.fill_negative, called), (self.fill_positive, ~called)):
             if chosen.any():
                 side = network.size or images.shape[-1]
                 work = F.interpolate(images[chosen], size=(side, side), mode="area")

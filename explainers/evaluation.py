@@ -8,9 +8,10 @@ torchmetrics. Written here is only what the libraries lack or cannot do offline:
 - deletion / insertion (Petsiuk et al. 2018): Captum has no such metric, and Quantus is
   not a dependency (it pins its own stack); ours perturbs towards a blurred copy,
   as our Occlusion baseline does, so "removed" means "detail removed, brightness kept";
-- the Fréchet distance: torchmetrics' FID needs Inception weights downloaded at run
-  time, which this project forbids; we compute it on features of a network we ship.
-  The numbers are therefore NOT comparable with published FIDs.
+- nothing for the Fréchet distance: torchmetrics' FID runs with a custom feature
+  network (its default Inception weights would be downloaded at run time, which this
+  project forbids); we give it features of a network we ship, so the numbers are
+  NOT comparable with published FIDs.
 
 Conventions: maps and masks are (B, H, W); images (B, C, H, W) in [0, 1]; every
 per-image metric returns a (B,) tensor, aggregation is the caller's choice.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import os
 import resource
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -28,11 +28,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.functional.regression import spearman_corrcoef
 from torchmetrics.functional.classification import binary_average_precision
+
+from explainers.validity import flipped, probability_change
+from explainers.validity import proximity_l1 as _proximity_l1
 
 
 class EvaluationError(ValueError):
@@ -140,15 +143,13 @@ def _box_masks(saliency: torch.Tensor, boxes, source_shape) -> torch.Tensor:
 
 def validity(probability: torch.Tensor, counterfactual_probability: torch.Tensor,
              threshold: float) -> dict[str, torch.Tensor]:
-    """``flipped``: did the decision change; ``change``: how far P(positive) moved
-    towards the other class (positive = in the intended direction)."""
+    """``flipped`` (1.0 / 0.0): did the decision change; ``change``: how far P(positive)
+    moved towards the other class (``explainers.validity``: the one definition)."""
     if probability.shape != counterfactual_probability.shape or probability.ndim != 1:
         raise EvaluationError(f"probabilities must both be (B,), got {tuple(probability.shape)} and "
                               f"{tuple(counterfactual_probability.shape)}")
-    called = probability >= threshold
-    flipped = (counterfactual_probability >= threshold) != called
-    direction = torch.where(called, -1.0, 1.0)
-    return {"flipped": flipped.float(), "change": direction * (counterfactual_probability - probability)}
+    return {"flipped": flipped(probability, counterfactual_probability, threshold).float(),
+            "change": probability_change(probability, counterfactual_probability, threshold)}
 
 
 def _check_images(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -159,7 +160,7 @@ def _check_images(a: torch.Tensor, b: torch.Tensor) -> None:
 def proximity_l1(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:
     """Mean absolute pixel change, in model-space intensity [0, 1]."""
     _check_images(images, counterfactuals)
-    return (counterfactuals.float() - images.float()).abs().flatten(1).mean(dim=1)
+    return _proximity_l1(images, counterfactuals)
 
 
 def proximity_ssim(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:
@@ -192,29 +193,31 @@ class PenultimateFeatures:
         return torch.cat(captured).cpu()
 
 
+class _GivenFeatures(nn.Module):
+    """The identity, as torchmetrics' feature network: the features are computed already."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets
-    (N, D), as FID computes it, on whatever features it is given."""
+    (N, D): torchmetrics' ``FrechetInceptionDistance`` with a custom feature network
+    (nothing downloaded), on whatever features it is given (e.g. ``PenultimateFeatures``).
+    Raises EvaluationError for unequal D or fewer than 2 samples in a set."""
     if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
         raise EvaluationError(f"features must be (N, D) with equal D, got {tuple(features_a.shape)} and "
                               f"{tuple(features_b.shape)}")
     if len(features_a) < 2 or len(features_b) < 2:
         raise EvaluationError("the Fréchet distance needs at least 2 samples per set")
-    a, b = features_a.double().numpy(), features_b.double().numpy()
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():
-        # With fewer samples than dimensions the product is singular; scipy warns,
-        # the result is checked below and regularised if it is not finite.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(cov_a @ cov_b)
-        if not np.isfinite(covmean).all():
-            # As the reference FID implementation does.
-            offset = np.eye(cov_a.shape[0]) * 1e-6
-            covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covmean = covmean.real
-    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean)
-    return float(max(distance, 0.0))  # >= 0 in exact arithmetic; rounding can give -1e-6
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(int(features_a.shape[1])))
+    metric.update(features_a.double().cpu(), real=True)
+    metric.update(features_b.double().cpu(), real=False)
+    return float(max(float(metric.compute()), 0.0))  # >= 0 in exact arithmetic; rounding can give -1e-6
 
 
 # -- faithfulness -------------------------------------------------------------------
@@ -355,3 +358,76 @@ def measure(device: torch.device) -> Iterator[Cost]:
         else:
             cost.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             cost.peak_source = "ru_maxrss (process lifetime)"
+
+
+# -- sanity checks (Adebayo et al. 2018, "Sanity Checks for Saliency Maps") ----------
+
+def randomisation_blocks(network: nn.Module) -> list[str]:
+    """The network's parameterised blocks, from the output layer down to the input (the
+    cascading order of Adebayo et al. 2018, §4.1): top-level children, with
+    ``nn.Sequential`` containers (MONAI DenseNet's ``features``, ``class_layers``) expanded
+    one level."""
+    blocks = []
+    for name, child in network.named_children():
+        parts = child.named_children() if isinstance(child, nn.Sequential) else [("", child)]
+        for sub, module in parts:
+            if any(True for _ in module.parameters()):
+                blocks.append(f"{name}.{sub}" if sub else name)
+    return blocks[::-1]
+
+
+def _reinitialise(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # Random affine parameters; running statistics kept, so activations stay finite.
+            with torch.no_grad():
+                m.weight.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+        elif hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def cascading_randomisation(classifier: nn.Module, explain, images: torch.Tensor, *, stages: Sequence[float] =
+                            (0.0, 0.5, 1.0), seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model-randomisation test, cascading from the top block to the bottom.
+
+    ``explain(images, classifier) -> (B, H, W)`` maps; ``classifier`` has a ``network``
+    attribute (explainers.networks.BinaryClassifier) or is the network. The blocks of
+    :func:`randomisation_blocks` are re-initialised one after the other on a copy (the
+    classifier passed in is never changed); at each ``stages`` fraction of the blocks
+    (0.0 = the top block only, 1.0 = all) the maps are compared with the original ones.
+    Returns ``{"randomised_<fraction>": (B,) Spearman rank correlation}``: a map that
+    depends on the classifier decorrelates (near 0); one that stays near 1 does not look
+    at the classifier at explanation time.
+    """
+    import copy
+
+    original = explain(images, classifier).detach().float().cpu()
+    randomised = copy.deepcopy(classifier).eval()
+    network = getattr(randomised, "network", randomised)
+    blocks = randomisation_blocks(network)
+    modules = dict(network.named_modules())
+    checkpoints = {max(0, min(len(blocks) - 1, round(f * (len(blocks) - 1)))): f for f in stages}
+    torch.manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for index, name in enumerate(blocks):
+        _reinitialise(modules[name])
+        if index in checkpoints:
+            maps = explain(images, randomised).detach().float().cpu()
+            out[f"randomised_{checkpoints[index]:g}"] = map_agreement(original, maps)["spearman"]
+    return out
+
+
+def edge_similarity(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each map with the Sobel gradient magnitude of its own
+    input (B,): high means the map mostly shows the image's own edges, which needs no
+    trained model at all (Adebayo et al. 2018, §5: maps alike to an edge detector pass
+    as explanations while being independent of the model and of its training data)."""
+    gray = images[:, :1].float().cpu()
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])[None, None]
+    gx = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx)
+    gy = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx.transpose(-1, -2))
+    edges = (gx ** 2 + gy ** 2).sqrt()[:, 0]
+    if edges.shape[-2:] != maps.shape[-2:]:
+        edges = F.interpolate(edges[:, None], size=maps.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return map_agreement(edges / edges.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), maps.float().cpu())["spearman"]

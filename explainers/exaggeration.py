@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register
-from explainers.sagen import ResidualHead, smooth_maps
+from explainers.networks import ResidualHead
+from explainers.validity import counterfactual_checks
 
 DEFAULT_BINS = 10
 DEFAULT_WIDTHS = (16, 32, 64, 128)
@@ -45,6 +47,7 @@ def bin_of(probability: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 def bin_centre(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """The posterior at the centre of bin ``index`` of ``bins``: (k + 0.5) / K."""
     return (index.float() + 0.5) / bins
 
 
@@ -176,9 +179,17 @@ class ExaggerationExplainer(Explainer):
 
     version = "1"
     bundle_section = "exaggeration"
+    bundle_networks = {"generator": (ConditionalGenerator, "network")}
 
     def __init__(self, *, generator: ConditionalGenerator, steps: int = 10, smoothing_sigma: float = 2.0,
                  threshold: float = 0.5):
+        """Singla et al. 2021/2023 (method section: the conditional generator and the
+        progressive sweep of the requested posterior).
+
+        ``generator``: the trained ``ConditionalGenerator``. ``steps`` >= 2: images on
+        the path from f(x) to the other class (the paper's K bins). ``smoothing_sigma``
+        >= 0: pixels. ``threshold`` in [0, 1]. Raises ValueError otherwise.
+        """
         if int(steps) < 2:
             raise ValueError(f"exaggeration steps must be >= 2 (start and end of the path), got {steps}")
         if smoothing_sigma < 0:
@@ -187,14 +198,16 @@ class ExaggerationExplainer(Explainer):
         self.generator = generator.eval()
         self.steps, self.smoothing_sigma = int(steps), float(smoothing_sigma)
 
-    @classmethod
-    def from_bundle(cls, bundle: Any, **parameters: Any) -> "ExaggerationExplainer":
-        generator = bundle.load_network("exaggeration", "generator", ConditionalGenerator)
-        spec = bundle.spec.explainers["exaggeration"]
-        defaults = {k: spec.parameters[k] for k in ("steps", "smoothing_sigma") if k in spec.parameters}
-        return cls(generator=generator, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
-
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Sweeps the requested posterior c_t from f(x) to the far side of the threshold
+        (``sweep_targets``): counterfactuals (B, steps, C, H, W) = G(x, bin(c_t)), the last
+        the full counterfactual; path_probability (B, steps); saliency (B, H, W) in [0, 1]
+        = smoothed |G(x, c_T) - G(x, c_0)|; checks: flipped, counterfactual_probability,
+        proximity_l1, requested_probability, reconstruction_l1, posterior_tracking_mae,
+        monotone_fraction.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         generator = self.generator.to(images.device).eval()
         batch, steps, bins = images.shape[0], self.steps, generator.bins
         with torch.no_grad():
@@ -210,18 +223,15 @@ class ExaggerationExplainer(Explainer):
             path_probability = torch.sigmoid(logits.float()).reshape(batch, steps)
             start, end = path[:, 0], path[:, -1]
             saliency = normalise_maps(smooth_maps((end - start).abs().sum(dim=1), self.smoothing_sigma))
-            proximity = (end - images).abs().flatten(1).mean(dim=1)
             reconstruction = (start - images).abs().flatten(1).mean(dim=1)
             tracking = (path_probability - requested).abs().mean(dim=1)
             # Does the path move monotonically towards the other class? (fraction of steps that do)
             direction = torch.sign(requested[:, -1:] - requested[:, :1])
             monotone = ((path_probability.diff(dim=1) * direction) >= -1e-3).float().mean(dim=1)
-        called = probability >= self.threshold
+        common = counterfactual_checks(probability, path_probability[:, -1], images, end, self.threshold)
         checks = [{
-            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
-            "counterfactual_probability": float(path_probability[i, -1]),
+            **common[i],
             "requested_probability": float(requested[i, -1]),
-            "proximity_l1": float(proximity[i]),
             "reconstruction_l1": float(reconstruction[i]),
             "posterior_tracking_mae": float(tracking[i]),
             "monotone_fraction": float(monotone[i]),

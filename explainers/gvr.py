@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
+from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
-from explainers.sagen import smooth_maps
 
 # Encoder widths per level (each halves the side) and latent channels: at 64 px an
 # 8 x 8 x 16 latent (1,024 numbers for 4,096 pixels).
@@ -131,11 +132,23 @@ class GvrExplainer(Explainer):
 
     version = "1"
     bundle_section = "gvr"
+    bundle_networks = {"autoencoder": (GvrAutoEncoder, "network")}
 
     def __init__(self, *, autoencoder: GvrAutoEncoder, mode: str = "optimise", steps: int = 5,
                  search_steps: int = 60, learning_rate: float = 0.1, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, similarity_weight: float = 2.0, max_shift: float = 3.0,
                  smoothing_sigma: float = 4.0, threshold: float = 0.5):
+        """Seah et al. 2018/2019 (methods: generative visual rationales, the latent search).
+
+        ``autoencoder``: the trained ``GvrAutoEncoder``. ``mode``: "optimise" (per-image
+        Adam, the paper's) or "gradient_shift" (one gradient, a grid of shifts).
+        ``steps`` >= 1: images on the path z0 -> z*. ``search_steps``, ``learning_rate``,
+        ``tolerance``, ``patience``: the search budget (``explainers.optimise.SearchBudget``).
+        ``margin`` >= 0: logits by which the counterfactual must cross the threshold.
+        ``similarity_weight`` >= 0: weight of mean |D(z) - D(z0)|. ``max_shift`` > 0:
+        largest gradient shift (RMS per latent element). ``smoothing_sigma`` >= 0: pixels.
+        Raises ValueError for values out of these ranges.
+        """
         if mode not in MODES:
             raise ValueError(f"gvr mode must be one of {', '.join(MODES)}, got {mode!r}")
         if int(steps) < 1:
@@ -155,16 +168,6 @@ class GvrExplainer(Explainer):
         self.mode, self.steps = mode, int(steps)
         self.margin, self.similarity_weight = float(margin), float(similarity_weight)
         self.max_shift, self.smoothing_sigma = float(max_shift), float(smoothing_sigma)
-
-    PARAMETERS = ("mode", "steps", "search_steps", "learning_rate", "tolerance", "patience", "margin",
-                  "similarity_weight", "max_shift", "smoothing_sigma")
-
-    @classmethod
-    def from_bundle(cls, bundle: Any, **parameters: Any) -> "GvrExplainer":
-        autoencoder = bundle.load_network("gvr", "autoencoder", GvrAutoEncoder)
-        spec = bundle.spec.explainers["gvr"]
-        defaults = {k: spec.parameters[k] for k in cls.PARAMETERS if k in spec.parameters}
-        return cls(autoencoder=autoencoder, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
 
     # -- the search -------------------------------------------------------------------
 
@@ -217,6 +220,13 @@ class GvrExplainer(Explainer):
         return best, used
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Per-image latent search: rationale D(z0) - D(z*) as saliency (B, H, W) in [0, 1];
+        counterfactuals (B, steps, C, H, W) = x + up(D(z_t) - D(z0)); checks: flipped,
+        counterfactual_probability, proximity_l1, steps_used, reconstruction_l1,
+        latent_shift, mode.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         ae = self.autoencoder.to(images.device).eval()
         batch, steps = images.shape[0], self.steps
         networks = [*classifier.parameters(), *ae.parameters()]
@@ -252,15 +262,13 @@ class GvrExplainer(Explainer):
                 # cell spans 16 px), else the zero crossings of a smooth signed change cut
                 # one region into rings.
                 saliency = normalise_maps(smooth_maps(rationale.abs().sum(dim=1), self.smoothing_sigma))
-                proximity = (path[:, -1] - images).abs().flatten(1).mean(dim=1)
                 shift = (z_star - z0).abs().flatten(1).mean(dim=1)
         finally:
             for p, flag in zip(networks, modes):
                 p.requires_grad_(flag)
+        common = counterfactual_checks(probability, path_probability[:, -1], images, path[:, -1], self.threshold)
         checks = [{
-            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
-            "counterfactual_probability": float(path_probability[i, -1]),
-            "proximity_l1": float(proximity[i]),
+            **common[i],
             "steps_used": int(steps_used[i]),
             "reconstruction_l1": float(reconstruction_l1[i]),
             "latent_shift": float(shift[i]),

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from monai.networks.nets import Generator, Regressor
 from torch import nn
 
+from explainers._helpers import frozen, smooth_maps, to_working
 from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register
+from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
-from explainers.sagen import smooth_maps
-from explainers.training import frozen
 
 DEFAULT_WIDTHS = (128, 64, 32, 16)  # channels at 4, 8, 16, 32 px; the last layer makes the 64 px image
 ANATOMY_DIM, PATHOLOGY_DIM = 64, 16
@@ -103,12 +103,6 @@ class MedxganEncoder(nn.Module):
         return self.network(to_working(images, self.size) * 2.0 - 1.0)
 
 
-def to_working(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="area")
-
-
 def to_input(change: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """A change at the working size, bilinearly resampled to the input's (H, W)."""
     if change.shape[-2:] == tuple(shape):
@@ -153,15 +147,25 @@ class _MedxganBase(Explainer):
 
     version = "1"
     bundle_section = "medxgan"
-    # Settings read from bundle.yaml (explainers.medxgan.parameters) as defaults.
-    bundle_keys: tuple[str, ...] = ("inversion", "inversion_steps", "official_steps", "learning_rate", "tolerance",
-                                    "patience", "probability_weight", "negative_scale", "steps", "smoothing_sigma")
+    bundle_networks = {"generator": (MedxganGenerator, "network"), "encoder": (MedxganEncoder, "encoder_network")}
+    optional_networks = ("encoder",)
 
     def __init__(self, *, generator: MedxganGenerator, encoder: MedxganEncoder | None = None,
                  inversion: str = "encoder", inversion_steps: int = 50, official_steps: int = 5000,
                  learning_rate: float = 0.02, tolerance: float = 1e-3, patience: int = 10,
                  probability_weight: float = 0.1, negative_scale: float = 1.0, steps: int = 8,
                  smoothing_sigma: float = 2.0, threshold: float = 0.5):
+        """Dravid et al. 2022 (method section: inversion and the pathology-code walk).
+
+        ``generator`` / ``encoder``: the trained networks (the encoder is needed for
+        ``inversion="encoder"``, the fast route; "optimise" is the official zero start
+        with ``official_steps`` Adam steps). ``inversion_steps``, ``learning_rate``,
+        ``tolerance``, ``patience``: the refinement budget. ``probability_weight`` >= 0:
+        weight of matching the classifier's probability while inverting.
+        ``negative_scale``: length of the walk for cases called negative, in
+        sqrt(dim z2). ``steps`` >= 2: images on the walk. ``smoothing_sigma``: pixels.
+        Raises ValueError for an unknown inversion, a missing encoder or steps < 2.
+        """
         if inversion not in ("encoder", "optimise"):
             raise ValueError(f"medxgan inversion must be 'encoder' or 'optimise', got {inversion!r}")
         if inversion == "encoder" and encoder is None:
@@ -184,17 +188,6 @@ class _MedxganBase(Explainer):
                                     patience=int(official_steps) + 1))
         self.probability_weight, self.negative_scale = float(probability_weight), float(negative_scale)
         self.steps, self.smoothing_sigma = int(steps), float(smoothing_sigma)
-
-    @classmethod
-    def from_bundle(cls, bundle: Any, **parameters: Any) -> "_MedxganBase":
-        generator = bundle.load_network("medxgan", "generator", MedxganGenerator)
-        spec = bundle.spec.explainers["medxgan"]
-        encoder = None
-        if "encoder" in spec.weights:
-            encoder = bundle.load_network("medxgan", "encoder", MedxganEncoder, settings="encoder_network")
-        defaults = {k: spec.parameters[k] for k in cls.bundle_keys if k in spec.parameters}
-        return cls(generator=generator, encoder=encoder, threshold=bundle.spec.task.threshold,
-                   **{**defaults, **parameters})
 
     def _walk(self, images: torch.Tensor, classifier: nn.Module):
         """Inversion and the latent walk: (probability, z, z_end, alphas, search result, inversion L1)."""
@@ -238,14 +231,11 @@ class _MedxganBase(Explainer):
         return shown.clamp(0.0, 1.0).reshape(batch, steps, *images.shape[1:])
 
     def _checks(self, probability, path_probability, path, images, search, inversion_l1, z, z_end) -> list[dict]:
-        called = probability >= self.threshold
-        proximity = (path[:, -1] - images).abs().flatten(1).mean(1)
         z2_norm = self.generator.split(z)[1].norm(dim=1)
         shift = (z_end - z).norm(dim=1)
+        checks = counterfactual_checks(probability, path_probability[:, -1], images, path[:, -1], self.threshold)
         return [{
-            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
-            "counterfactual_probability": float(path_probability[i, -1]),
-            "proximity_l1": float(proximity[i]),
+            **checks[i],
             "steps_used": int(search.steps_used[i]),
             "inversion": self.inversion,
             "inversion_l1": float(inversion_l1[i]),
@@ -259,6 +249,13 @@ class MedxganExplainer(_MedxganBase):
     """saliency = smoothed |G(z1, z2) - G(z1, z2_end)|; counterfactuals = the walk z2 -> z2_end."""
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """Inversion and walk: saliency (B, H, W) in [0, 1] = smoothed |G(z) - G(z_end)|
+        upsampled; counterfactuals (B, steps, C, H, W) = x + up(G(z_t) - G(z)); checks:
+        flipped, counterfactual_probability, proximity_l1, steps_used, inversion,
+        inversion_l1, pathology_code_norm, latent_shift.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         probability, z, z_end, search, inversion_l1 = self._walk(images, classifier)
         alphas = torch.arange(1, self.steps + 1, device=images.device, dtype=images.dtype) / self.steps
         with torch.no_grad():
@@ -281,9 +278,9 @@ class MedxganIGExplainer(_MedxganBase):
     saliency = its positive part (evidence for the called class), smoothed.
     """
 
-    bundle_keys = _MedxganBase.bundle_keys + ("ig_steps",)
-
     def __init__(self, *, ig_steps: int = 32, **kwargs: Any):
+        """``ig_steps`` >= 2: trapezoid steps along the walk (Sundararajan et al. 2017,
+        path method); the other settings as ``MedxganExplainer``. Raises ValueError."""
         if int(ig_steps) < 2:
             raise ValueError(f"medxgan_ig ig_steps must be >= 2, got {ig_steps}")
         super().__init__(**kwargs)
@@ -316,6 +313,10 @@ class MedxganIGExplainer(_MedxganBase):
         return attributions, gap
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """As ``MedxganExplainer.explain``, with saliency = the positive part of the
+        integrated gradients along the walk; extra checks: attribution_sum, score_gap,
+        completeness_relative (|sum - gap| / |gap|: the quadrature error).
+        """
         probability, z, z_end, search, inversion_l1 = self._walk(images, classifier)
         sign = decision_signs(probability, self.threshold)
         attributions, gap = self.attribute(images, classifier, z, z_end, sign)

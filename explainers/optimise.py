@@ -59,7 +59,7 @@ def per_image_adam(initial: torch.Tensor, loss_fn: LossFn, budget: SearchBudget)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     steps_used = torch.zeros(batch, dtype=torch.long, device=device)
     reached = torch.zeros(batch, dtype=torch.bool, device=device)
-    final_loss = torch.full((batch,), float("nan"), device=device)
+    final_loss = torch.full((batch,), float("nan"), device=device, dtype=initial.dtype)
     history: list[torch.Tensor] = []  # (B,) loss per step, NaN for frozen images
 
     for step in range(budget.steps + 1):
@@ -70,7 +70,7 @@ def per_image_adam(initial: torch.Tensor, loss_fn: LossFn, budget: SearchBudget)
         loss = loss.reshape(-1)
         if loss.shape[0] != len(index):
             raise ValueError(f"loss_fn must return one loss per active image ({len(index)}), got {loss.shape[0]}")
-        current = torch.full((batch,), float("nan"), device=device)
+        current = torch.full((batch,), float("nan"), device=device, dtype=initial.dtype)
         current[index] = loss.detach()
         final_loss[index] = loss.detach()
         history.append(current)

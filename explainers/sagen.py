@@ -26,29 +26,16 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
-from monai.networks.nets import BasicUNet, PatchDiscriminator
+from monai.networks.nets import BasicUNet
 from torch import nn
 
+from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register
+from explainers.networks import ResidualHead
+from explainers.validity import counterfactual_checks
 
 # Default widths: (level 0..4, decoder output). 1.82 M parameters, 7.3 MB of float32 weights.
 DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)
-
-
-class ResidualHead(nn.Module):
-    """3x3 conv + LeakyReLU + 1x1 conv to a one-channel residual (last layer zero)."""
-
-    def __init__(self, features: int, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(features, features, kernel_size=3, padding=1)
-        self.act = nn.LeakyReLU(0.1)
-        self.out = nn.Conv2d(features, channels, kernel_size=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(self.act(self.conv(h)))
 
 
 class SagenGenerator(nn.Module):
@@ -97,34 +84,24 @@ class SagenGenerator(nn.Module):
         return (images + similar).clamp(0.0, 1.0), (images + adversarial).clamp(0.0, 1.0)
 
 
-class PatchCritic(nn.Module):
-    """MONAI PatchDiscriminator (instance norm, no batch statistics) returning its patch map."""
-
-    def __init__(self, *, channels: int = 32, layers: int = 3, in_channels: int = 1):
-        super().__init__()
-        self.network = PatchDiscriminator(spatial_dims=2, channels=channels, in_channels=in_channels,
-                                          num_layers_d=layers, norm="INSTANCE")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images * 2.0 - 1.0)[-1]
-
-
-def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of (B, H, W) maps, each image on its own."""
-    if sigma <= 0:
-        return maps
-    return GaussianFilter(spatial_dims=2, sigma=sigma).to(maps.device)(maps[:, None])[:, 0]
-
-
 @register("sagen")
 class SagenExplainer(Explainer):
     """saliency = smoothed |S(x) - A(x)|; counterfactual = A(x) (or the S -> A path)."""
 
     version = "1"
     bundle_section = "sagen"
+    bundle_networks = {"generator": (SagenGenerator, "network")}
 
     def __init__(self, *, generator: SagenGenerator, steps: int = 1, smoothing_sigma: float = 2.0,
                  threshold: float = 0.5):
+        """Charachon et al. 2020 (method section: the similar and adversarial generators).
+
+        ``generator``: the trained two-headed ``SagenGenerator`` (put in eval mode).
+        ``steps`` >= 1: images on the path S(x) -> A(x) (1: A(x) alone). ``smoothing_sigma``
+        >= 0: Gaussian smoothing of the saliency, in pixels of the input. ``threshold``:
+        the bundle's decision threshold on P(positive), in [0, 1]. Raises ValueError for
+        steps < 1 or a negative sigma.
+        """
         if int(steps) < 1:
             raise ValueError(f"sagen steps must be >= 1, got {steps}")
         if smoothing_sigma < 0:
@@ -133,14 +110,14 @@ class SagenExplainer(Explainer):
         self.generator = generator.eval()
         self.steps, self.smoothing_sigma = int(steps), float(smoothing_sigma)
 
-    @classmethod
-    def from_bundle(cls, bundle: Any, **parameters: Any) -> "SagenExplainer":
-        generator = bundle.load_network("sagen", "generator", SagenGenerator)
-        spec = bundle.spec.explainers["sagen"]
-        defaults = {k: spec.parameters[k] for k in ("steps", "smoothing_sigma") if k in spec.parameters}
-        return cls(generator=generator, threshold=bundle.spec.task.threshold, **{**defaults, **parameters})
-
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
+        """One generator pass: saliency (B, H, W) in [0, 1] = smoothed |S(x) - A(x)|;
+        counterfactuals (B, steps, C, H, W), the last A(x); path_probability (B, steps);
+        checks: flipped, counterfactual_probability, proximity_l1 (explainers.validity),
+        similar_l1, similar_probability, similar_kept_class.
+        images (B, C, H, W) float in [0, 1] at the bundle's input size; ``classifier``
+        returns the positive-class logit (B,).
+        """
         generator = self.generator.to(images.device).eval()
         batch, steps = images.shape[0], self.steps
         with torch.no_grad():
@@ -154,13 +131,11 @@ class SagenExplainer(Explainer):
             probability, similar_prob = probs[:batch], probs[batch:2 * batch]
             path_probability = probs[2 * batch:].reshape(batch, steps)
             saliency = normalise_maps(smooth_maps((similar - adversarial).abs().sum(dim=1), self.smoothing_sigma))
-            proximity = (adversarial - images).abs().flatten(1).mean(dim=1)
             similar_l1 = (similar - images).abs().flatten(1).mean(dim=1)
         called = probability >= self.threshold
+        common = counterfactual_checks(probability, path_probability[:, -1], images, adversarial, self.threshold)
         checks = [{
-            "flipped": bool((path_probability[i, -1] >= self.threshold) != called[i]),
-            "counterfactual_probability": float(path_probability[i, -1]),
-            "proximity_l1": float(proximity[i]),
+            **common[i],
             "similar_l1": float(similar_l1[i]),
             "similar_probability": float(similar_prob[i]),
             "similar_kept_class": bool((similar_prob[i] >= self.threshold) == called[i]),

@@ -1,61 +1,69 @@
-"""Training loop for the two inpainters of cia (tensors in, weights + log out), and the
-evaluation of the whole explainer.
+"""Training of the two inpainters of cia (Major et al. 2020), declared for
+``explainers.training.fit``.
 
 Each inpainter learns to fill random smooth masks (blobs and rectangles of varied
 size, some at partial opacity; ``explainers.cia.random_masks``) of images of its own
-class (by label: fill_normal on NORMAL, fill_pneumonia on PNEUMONIA):
+class, by ground-truth label: ``fill_negative`` on label 0, ``fill_positive`` on label 1:
 
     loss = L1(fill, x) over the whole image + hole_weight * L1(fill, x) inside the mask
 
 No classifier is involved, so training is cheap. Both networks train in the same
-loop, one after the other within each epoch; the smaller class is repeated so that
-both take the same number of steps per epoch. Random geometric augmentation (small
-rotation, scale, shift) on every batch, at the input size, then area-downsampled
-to the inpainter's working size.
-
-Resumable from the last epoch checkpoint; every epoch reseeds its data order,
-augmentation and masks from (seed, epoch, network), so a resumed run is
-bit-identical to an uninterrupted one on the same device.
+epoch, one after the other; the smaller class is repeated so that both take the same
+number of steps. Augmented at the input size, then area-downsampled to the
+inpainter's working size. Masks and augmentation are reseeded from (seed, epoch,
+network), so a resumed run is bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
-import time
+import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from monai.utils import set_determinism
+from torch import nn
 
-from explainers.checkpoints import EpochCheckpoints, TrainingState
+from explainers._helpers import as_float, to_working, working_size
 from explainers.cia import CiaExplainer, Inpainter, hole_l1, random_masks
-from explainers.evaluation import proximity_ssim
-from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, finish_epoch
+from explainers.training import (
+    Trainer,
+    TrainingSettings,
+    adam,
+    augmented_batches,
+    explainer_parameter,
+    from_bundle,
+    option,
+)
+from explainers.validity import evaluate_explainer
 
-PARTS = ("fill_normal", "fill_pneumonia")  # trained on label 0 (NORMAL) and label 1 (PNEUMONIA)
+PARTS = ("fill_negative", "fill_positive")  # trained on label 0 and label 1
 _VAL_MASK_SEED = 4242  # fixed validation masks: the same for every epoch
+EVALUATION_BATCH = 32
 
 
 @dataclass
-class CiaTrainingConfig(SettingsDict):
-    epochs: int = 8
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+class CiaTrainingConfig(TrainingSettings):
+    epochs: int = option(8, "total epochs; a checkpoint in <bundle>/.checkpoints/cia is resumed (a finished one "
+                            "only re-evaluates, e.g. with other search settings)")
+    learning_rate: float = option(1e-3, "Adam learning rate of the inpainters")
     betas: tuple[float, float] = (0.9, 0.999)
     hole_weight: float = 5.0  # L1 inside the mask, on top of the whole-image L1
-    # Augmentation: rotation (radians), relative scale, shift (pixels at the input size).
-    rotate: float = 0.1
-    scale: float = 0.05
-    translate: float = 6.0
-    seed: int = 0
-    device: str = "cpu"
-
-
-def _working(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    return images if size is None or images.shape[-1] == size else F.interpolate(images, size=(size, size),
-                                                                                 mode="area")
+    size: int = option(64, "side the inpainters work at (multiple of 16); the fill is upsampled to the "
+                           "bundle's input size")
+    width: int = option(16, "U-Net base width: features (w, 2w, 4w, 8w, 16w, w)")
+    threshold: float = from_bundle(0.5)  # the bundle's decision threshold (the explainer's)
+    # The per-image mask search (CiaExplainer), stored in bundle.yaml.
+    steps: int = explainer_parameter(1, "images on the path that scales the mask from 0 to m")
+    search_steps: int = explainer_parameter(60, "per-image mask search: at most this many Adam steps")
+    search_learning_rate: float = explainer_parameter(0.4, "Adam learning rate of the mask search",
+                                                      name="learning_rate")
+    tolerance: float = explainer_parameter(1e-3, "mask search: relative improvement that counts")
+    patience: int = explainer_parameter(10, "mask search: steps without improvement before stopping")
+    margin: float = explainer_parameter(1.0, "logits by which the counterfactual must cross the threshold")
+    area_weight: float = explainer_parameter(1.0, "lambda1: weight of the mask's mean area")
+    tv_weight: float = explainer_parameter(3.0, "lambda2: weight of the mask's total variation")
+    mask_size: int = explainer_parameter(16, "side of the mask's logit grid")
+    initial_mask: float = explainer_parameter(0.1, "the search's starting mask value, in (0, 1)")
 
 
 @torch.no_grad()
@@ -67,7 +75,7 @@ def evaluate_inpainter(network: Inpainter, images: torch.Tensor, *, batch_size: 
     hole = whole = 0.0
     generator = torch.Generator().manual_seed(_VAL_MASK_SEED)
     for start in range(0, len(images), batch_size):
-        x = _working(as_float(images[start:start + batch_size]).to(device), network.size)
+        x = to_working(as_float(images[start:start + batch_size]).to(device), network.size)
         masks = random_masks(len(x), x.shape[-1], generator, device=device)
         prediction = network.fill(x, masks)
         hole += float(hole_l1(prediction, x, masks).sum())
@@ -83,151 +91,115 @@ def evaluate_inpainters(networks: dict[str, Inpainter], images: torch.Tensor, la
     for label, part in enumerate(PARTS):
         metrics = evaluate_inpainter(networks[part], images[labels == label], device=device)
         out[f"{part}_hole_l1"], out[f"{part}_image_l1"] = metrics["hole_l1"], metrics["image_l1"]
-    out["hole_l1"] = (out["fill_normal_hole_l1"] + out["fill_pneumonia_hole_l1"]) / 2
+    out["hole_l1"] = (out[f"{PARTS[0]}_hole_l1"] + out[f"{PARTS[1]}_hole_l1"]) / 2
     return out
 
 
-def evaluate_cia(explainer: CiaExplainer, classifier: torch.nn.Module, images: torch.Tensor, *,
-                 batch_size: int = 32, device: str = "cpu",
-                 on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """The explainer on a set of images (uint8 or [0, 1] floats), in batches: validity
-    (overall and per class the classifier called), proximity (L1, SSIM), search
-    steps, mask area, the inpainters' own error and the wall time per image."""
-    started = time.perf_counter()
-    rows: dict[str, list[float]] = {k: [] for k in ("flipped", "positive", "l1", "ssim", "steps", "area",
-                                                     "inpainting", "change")}
-    for start in range(0, len(images), batch_size):
-        x = as_float(images[start:start + batch_size]).to(device)
-        e = explainer.explain(x, classifier)
-        rows["flipped"] += [float(c["flipped"]) for c in e.checks]
-        rows["positive"] += [float(c["fill"] == "normal") for c in e.checks]
-        rows["l1"] += [c["proximity_l1"] for c in e.checks]
-        rows["ssim"] += proximity_ssim(x, e.counterfactuals[:, -1]).tolist()
-        rows["steps"] += [float(c["steps_used"]) for c in e.checks]
-        rows["area"] += [c["mask_area"] for c in e.checks]
-        rows["inpainting"] += [c["inpainting_l1"] for c in e.checks]
-        rows["change"] += (e.path_probability[:, -1] - e.probability).abs().tolist()
-        if on_batch:
-            on_batch(min(start + batch_size, len(images)), len(images))
-    seconds = time.perf_counter() - started
-    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in rows.items()}
-    n = len(images)
-    positive = t["positive"] > 0
+class CiaTrainer(Trainer):
+    """Both inpainters, each on the training images of its class (labels 0 and 1)."""
 
-    def mean(values: torch.Tensor) -> float:
-        return float(values.mean()) if len(values) else float("nan")
+    name = "cia"
+    settings_class = CiaTrainingConfig
+    best_parts = PARTS
+    selection = "lowest validation hole L1 (mean of both inpainters, fixed seeded masks)"
+    needs_classifier = False
+    progress_keys = ("fill_negative_hole_l1", "fill_positive_hole_l1")
 
-    return {"flip_rate": mean(t["flipped"]),
-            # per class the classifier called (NaN where it called none of that class)
-            "flip_rate_called_positive": mean(t["flipped"][positive]),
-            "flip_rate_called_negative": mean(t["flipped"][~positive]),
-            "proximity_l1": mean(t["l1"]), "proximity_ssim": mean(t["ssim"]),
-            "steps_used": mean(t["steps"]), "mask_area": mean(t["area"]),
-            "inpainting_l1": mean(t["inpainting"]), "probability_change": mean(t["change"]),
-            "ms_per_image": 1000.0 * seconds / max(n, 1), "n": float(n)}
+    def __init__(self, settings: CiaTrainingConfig, networks: dict[str, Inpainter], train_images: torch.Tensor,
+                 train_labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor):
+        """``networks``: {"fill_negative": ..., "fill_positive": ...}; labels (N,) 0 / 1.
+        Raises ValueError for other networks or a class without training images."""
+        if set(networks) != set(PARTS):
+            raise ValueError(f"networks must be {PARTS}, got {sorted(networks)}")
+        super().__init__(settings, train_images, val_images)
+        self.val_labels = val_labels
+        self.by_class = {part: train_images[train_labels == label] for label, part in enumerate(PARTS)}
+        for part, images in self.by_class.items():
+            if len(images) == 0:
+                raise ValueError(f"no training images of the class {part} fills (label {PARTS.index(part)})")
+        self.inpainters = {part: networks[part].to(self.device) for part in PARTS}
+        self.optimisers = {part: adam(self.inpainters[part], settings.learning_rate, settings.betas)
+                           for part in PARTS}
+        # The smaller class is repeated (whole passes) so both networks take the same number of steps.
+        largest = max(len(v) for v in self.by_class.values())
+        self.repeats = {part: max(1, round(largest / len(v))) for part, v in self.by_class.items()}
 
+    def networks(self) -> dict[str, nn.Module]:
+        return dict(self.inpainters)
 
-def cia_checkpoints(directory: Path, *, networks: dict[str, Inpainter], optimisers: dict[str, torch.optim.Optimizer],
-                    n_train: dict[str, int], settings: dict) -> EpochCheckpoints:
-    """The fingerprint: the networks, the training set sizes and every setting except epochs and device."""
-    setup = {k: v for k, v in settings.items() if k not in ("epochs", "device")}
-    fingerprint = json.dumps({"inpainters": {k: v.config() for k, v in networks.items()}, "n_train": n_train,
-                              **setup}, sort_keys=True)
-    parts = {**networks, **{f"opt_{k}": v for k, v in optimisers.items()}}
-    return EpochCheckpoints(directory, fingerprint, parts, best_parts=PARTS)
+    def parts(self) -> dict[str, Any]:
+        return {**self.inpainters, **{f"opt_{k}": v for k, v in self.optimisers.items()}}
 
+    def n_train(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.by_class.items()}
 
-def _selection_key(metrics: dict[str, float]) -> tuple[float]:
-    # The lowest validation hole error, both inpainters together.
-    return (-metrics["hole_l1"],)
+    def steps_per_epoch(self) -> int:
+        b = self.settings.batch_size
+        return sum(-(-len(v) * self.repeats[part] // b) for part, v in self.by_class.items())
 
-
-def train_cia(
-    networks: dict[str, Inpainter],
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_images: torch.Tensor,
-    val_labels: torch.Tensor,
-    config: CiaTrainingConfig,
-    checkpoint_dir: Path,
-    *,
-    log_path: Path | None = None,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> TrainingResult:
-    """Train both inpainters in place; leaves the best-validation weights in ``networks``.
-
-    ``networks``: {"fill_normal": ..., "fill_pneumonia": ...}. Images (N, C, H, W), uint8
-    (x 255) or float in [0, 1]; labels (N,) 0 = NORMAL, 1 = PNEUMONIA.
-    """
-    if set(networks) != set(PARTS):
-        raise ValueError(f"networks must be {PARTS}, got {sorted(networks)}")
-    started = time.perf_counter()
-    device = config.device
-    set_determinism(seed=config.seed)
-    by_class = {part: train_images[train_labels == label] for label, part in enumerate(PARTS)}
-    for part, images in by_class.items():
-        if len(images) == 0:
-            raise ValueError(f"no training images of the class {part} fills (labels {PARTS.index(part)})")
-    for network in networks.values():
-        network.to(device)
-    optimisers = {part: torch.optim.Adam(networks[part].parameters(), lr=config.learning_rate, betas=config.betas)
-                  for part in PARTS}
-    augment = augmentation(config)  # type: ignore[arg-type]
-    # The smaller class is repeated (whole passes) so both networks take the same number of steps.
-    largest = max(len(v) for v in by_class.values())
-    repeats = {part: max(1, round(largest / len(v))) for part, v in by_class.items()}
-
-    checkpoints = cia_checkpoints(checkpoint_dir, networks=networks, optimisers=optimisers,
-                                  n_train={k: len(v) for k, v in by_class.items()}, settings=config.as_dict())
-    state: TrainingState = checkpoints.resume()
-    log_path = log_path or checkpoint_dir / "cia_training_log.csv"
-    elapsed_before = state.elapsed_s
-
-    for epoch in range(state.start_epoch, config.epochs):
-        sums: dict[str, float] = {}
-        done = 0
+    def batches(self, epoch: int) -> Iterator[tuple[str, torch.Tensor, torch.Generator]]:
         for index, part in enumerate(PARTS):
-            network, optimiser = networks[part], optimisers[part]
-            network.train()
-            images = by_class[part].repeat(repeats[part], 1, 1, 1) if repeats[part] > 1 else by_class[part]
-            part_seed = config.seed * 2 + index
+            images = self.by_class[part]
+            images = images.repeat(self.repeats[part], 1, 1, 1) if self.repeats[part] > 1 else images
+            part_seed = self.settings.seed * 2 + index
             masks_rng = torch.Generator().manual_seed((part_seed * 100_003 + epoch + 7) % (2**31))
-            seen, hole_sum, whole_sum = 0, 0.0, 0.0
-            for x in augmented_batches(images, epoch=epoch, seed=part_seed, batch_size=config.batch_size,
-                                       augment=augment, device=device):
-                x = _working(x, network.size)
-                masks = random_masks(len(x), x.shape[-1], masks_rng, device=device)
-                prediction = network.fill(x, masks)
-                hole = hole_l1(prediction, x, masks).mean()
-                whole = F.l1_loss(prediction, x)
-                loss = whole + config.hole_weight * hole
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                seen += len(x)
-                hole_sum += hole.item() * len(x)
-                whole_sum += whole.item() * len(x)
-                done += 1
-                if on_step:
-                    on_step(epoch, done, {"part": float(index), "hole_l1": hole_sum / seen,
-                                          "image_l1": whole_sum / seen})
-            sums[f"{part}_hole_l1"] = hole_sum / max(seen, 1)
-            sums[f"{part}_image_l1"] = whole_sum / max(seen, 1)
-        val = evaluate_inpainters(networks, val_images, val_labels, device=device)
-        finish_epoch(checkpoints, state, epoch=epoch, losses=sums, validation=val, key=_selection_key(val),
-                     seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
+            for x in augmented_batches(images, epoch=epoch, seed=part_seed, batch_size=self.settings.batch_size,
+                                       augment=self.augment, device=self.device):
+                yield part, x, masks_rng
 
-    checkpoints.load_best()
-    for network in networks.values():
-        network.eval()
-    validation = evaluate_inpainters(networks, val_images, val_labels, device=device)
-    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
-                             wall_time_s=state.elapsed_s)
+    def step(self, batch: tuple[str, torch.Tensor, torch.Generator]) -> tuple[dict[str, float], int]:
+        part, x, masks_rng = batch
+        network, optimiser = self.inpainters[part], self.optimisers[part]
+        x = to_working(x, network.size)
+        masks = random_masks(len(x), x.shape[-1], masks_rng, device=self.device)
+        prediction = network.fill(x, masks)
+        hole = hole_l1(prediction, x, masks).mean()
+        whole = F.l1_loss(prediction, x)
+        loss = whole + self.settings.hole_weight * hole
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return {f"{part}_hole_l1": hole.item(), f"{part}_image_l1": whole.item()}, len(x)
 
+    def validate(self) -> dict[str, float]:
+        return evaluate_inpainters(self.inpainters, self.val_images, self.val_labels, device=self.device)
 
-def steps_per_epoch(train_labels: torch.Tensor, batch_size: int) -> int:
-    """Optimiser steps per epoch, both networks together (for progress bars)."""
-    counts = [int((train_labels == label).sum()) for label in range(len(PARTS))]
-    largest = max(counts)
-    return sum(-(-c * max(1, round(largest / c)) // batch_size) for c in counts if c)
+    def selection_key(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        return (-metrics["hole_l1"],)
+
+    def explainer(self) -> CiaExplainer:
+        return CiaExplainer(**self.inpainters, threshold=self.settings.threshold,
+                            **self.settings.explainer_parameters())
+
+    # -- the bundle ------------------------------------------------------------------
+
+    @classmethod
+    def for_bundle(cls, settings, bundle, classifier, splits) -> "CiaTrainer":
+        spec, w = bundle.spec, settings.width
+        settings = dataclasses.replace(settings, threshold=spec.task.threshold)
+        torch.manual_seed(settings.seed)
+        size = working_size(settings.size, max(spec.input.size), 16)
+        networks = {part: Inpainter(features=(w, 2 * w, 4 * w, 8 * w, 16 * w, w), size=size,
+                                    in_channels=spec.input.channels) for part in PARTS}
+        return cls(settings, networks, splits["train"].images, splits["train"].labels, splits["val"].images,
+                   splits["val"].labels)
+
+    def test(self, classifier, images, on_batch=None) -> dict[str, float]:
+        return evaluate_explainer(self.explainer(), classifier, images, batch_size=EVALUATION_BATCH,
+                                  device=self.device, on_batch=on_batch)
+
+    def bundle_parameters(self) -> dict[str, Any]:
+        return {"architecture": "medxplain.Inpainter (MONAI BasicUNet, input (x*(1-m), m), sigmoid fill used "
+                                "inside the mask only)",
+                "network": self.inpainters[PARTS[0]].config(), **self.settings.explainer_parameters(),
+                "fills": {"fill_negative": "trained on negative-class images; used for cases called positive",
+                          "fill_positive": "trained on positive-class images; used for cases called negative"}}
+
+    def bundle_training(self) -> dict[str, Any]:
+        return {"loss": f"L1(fill, x) + {self.settings.hole_weight} * L1 inside the mask",
+                "masks": "random smooth blobs (thresholded 3-8 px noise, soft edges) of 5-60% area, half joined "
+                         "by a rectangle, a third at partial opacity",
+                "targets": "by ground-truth label: fill_negative on label 0, fill_positive on label 1 "
+                           "(no classifier)",
+                "test_evaluation": f"per-image mask search on every test image, batches of {EVALUATION_BATCH}, "
+                                   f"{torch.get_num_threads()} thread(s) on {self.device}"}

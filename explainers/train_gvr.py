@@ -1,61 +1,57 @@
-"""Training loop for the gvr autoencoder (tensors in, weights + log out), and the
-evaluation of the gvr explainer.
+"""Training of the gvr autoencoder (Seah et al. 2018), declared for ``explainers.training.fit``.
 
 The autoencoder learns from images alone, no labels and no classifier:
 
     loss = L1(D(E(x)), x) + w_mse * MSE(D(E(x)), x)      at the working size
 
-on area-downsampled, randomly augmented images (small rotation, scale, shift; the
-same seeded augmented_batches as sagen's loop). Validation: reconstruction error on
+on area-downsampled, randomly augmented images. Validation: reconstruction error on
 the unaugmented validation images; the epoch with the lowest validation L1 is kept.
-
-Knows nothing of files or DICOM beyond its own checkpoints and CSV log. Resumable
-from the last epoch checkpoint; every epoch reseeds its data order and augmentation
-from (seed, epoch), so a resumed run is bit-identical to an uninterrupted one on
-the same device.
+The explainer (a per-image latent search against the classifier) is scored after
+training, on a seeded subset of the validation split and on the test split.
 """
 from __future__ import annotations
 
-import json
-import time
+import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.utils import set_determinism
 from torch import nn
 
-from explainers.checkpoints import EpochCheckpoints, TrainingState
-from explainers.evaluation import proximity_ssim
-from explainers.gvr import GvrAutoEncoder, GvrExplainer
-from explainers.training import SettingsDict, TrainingResult, as_float, augmentation, augmented_batches, finish_epoch
+from explainers._helpers import as_float, working_size
+from explainers.gvr import DEFAULT_LATENT_CHANNELS, GvrAutoEncoder, GvrExplainer
+from explainers.training import Trainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
+from explainers.validity import evaluate_explainer
+
+EXPLAINED_VALIDATION_IMAGES = 128  # validation images the explainer is scored on (per-image search: a subset)
+EVALUATION_BATCH = 32
 
 
 @dataclass
-class GvrTrainingConfig(SettingsDict):
-    epochs: int = 30
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+class GvrTrainingConfig(TrainingSettings):
+    epochs: int = option(30, "total epochs; a checkpoint in <bundle>/.checkpoints/gvr is resumed")
+    learning_rate: float = option(1e-3, "Adam learning rate of the autoencoder")
     betas: tuple[float, float] = (0.9, 0.999)
     mse_weight: float = 1.0  # L1 + w * MSE: L1 keeps edges, MSE punishes the rare large errors
-    # Augmentation: rotation (radians), relative scale, shift (pixels at the input size).
-    rotate: float = 0.1
-    scale: float = 0.05
-    translate: float = 6.0
-    seed: int = 0
-    device: str = "cpu"
-
-
-def gvr_checkpoints(directory: Path, *, autoencoder: GvrAutoEncoder, optimiser: torch.optim.Optimizer,
-                    n_train: int, settings: dict) -> EpochCheckpoints:
-    """best.ckpt keeps the autoencoder; a checkpoint resumes only for the same network,
-    training set size and settings (epochs and device may differ)."""
-    setup = {k: v for k, v in settings.items() if k not in ("epochs", "device")}
-    fingerprint = json.dumps({"autoencoder": autoencoder.config(), "n_train": n_train, **setup}, sort_keys=True)
-    return EpochCheckpoints(directory, fingerprint, {"autoencoder": autoencoder, "optimiser": optimiser},
-                            best_parts=("autoencoder",))
+    size: int = option(64, "side the autoencoder works at (multiple of 8); its change is upsampled to the "
+                           "bundle's input size")
+    width: int = option(32, "encoder base width: widths (w, 2w, 4w)")
+    latent_channels: int = option(DEFAULT_LATENT_CHANNELS, "channels of the (size/8 x size/8) latent")
+    threshold: float = from_bundle(0.5)  # the bundle's decision threshold (the explainer's)
+    # The explainer's parameters, stored in bundle.yaml (editable there without retraining).
+    mode: str = explainer_parameter("optimise", "latent search: optimise | gradient_shift")
+    steps: int = explainer_parameter(5, "images on the counterfactual path")
+    search_steps: int = explainer_parameter(60, "per-image Adam steps at most when explaining")
+    search_learning_rate: float = explainer_parameter(0.1, "Adam learning rate of the latent search",
+                                                      name="learning_rate")
+    tolerance: float = explainer_parameter(1e-3, "latent search: relative improvement that counts")
+    patience: int = explainer_parameter(10, "latent search: steps without improvement before stopping")
+    margin: float = explainer_parameter(1.0, "logits by which the counterfactual must cross the threshold")
+    similarity: float = explainer_parameter(2.0, "weight of mean |D(z) - D(z0)|: higher keeps the rationale "
+                                                 "smaller, lower flips more decisions", name="similarity_weight")
+    max_shift: float = explainer_parameter(3.0, "gradient_shift: largest latent shift (RMS per element)")
+    smoothing_sigma: float = explainer_parameter(4.0, "Gaussian smoothing of the saliency map, pixels")
 
 
 @torch.no_grad()
@@ -73,99 +69,80 @@ def evaluate_reconstruction(autoencoder: GvrAutoEncoder, images: torch.Tensor, *
     return {"reconstruction_l1": l1 / n, "reconstruction_mse": l2 / n}
 
 
-def evaluate_gvr(explainer: GvrExplainer, classifier: nn.Module, images: torch.Tensor, *, batch_size: int = 32,
-                 device: str = "cpu") -> dict[str, float]:
-    """Validity, proximity, cost and reconstruction of the explainer on a set of images."""
-    classifier.to(device).eval()
-    flipped = proximity = ssim = steps = reconstruction = shift = prob_change = 0.0
-    n_pos = flipped_pos = 0.0
-    started = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        x = as_float(images[start:start + batch_size]).to(device)
-        e = explainer.explain(x, classifier)
-        called = e.probability >= explainer.threshold
-        flips = torch.tensor([c["flipped"] for c in e.checks], device=called.device)
-        flipped += float(flips.sum())
-        n_pos += float(called.sum())
-        flipped_pos += float((flips & called).sum())
-        cf = e.counterfactuals[:, -1]
-        proximity += sum(c["proximity_l1"] for c in e.checks)
-        ssim += float(proximity_ssim(x, cf).sum())
-        steps += sum(c["steps_used"] for c in e.checks)
-        reconstruction += sum(c["reconstruction_l1"] for c in e.checks)
-        shift += sum(c["latent_shift"] for c in e.checks)
-        prob_change += float((e.path_probability[:, -1] - e.probability).abs().sum())
-    wall = time.perf_counter() - started
-    n = max(len(images), 1)
-    n_neg = len(images) - n_pos
-    return {"flip_rate": flipped / n,
-            # per class the classifier called (NaN where it called none of that class)
-            "flip_rate_called_positive": flipped_pos / n_pos if n_pos else float("nan"),
-            "flip_rate_called_negative": (flipped - flipped_pos) / n_neg if n_neg else float("nan"),
-            "proximity_l1": proximity / n, "proximity_ssim": ssim / n, "steps_used": steps / n,
-            "reconstruction_l1": reconstruction / n, "latent_shift": shift / n,
-            "probability_change": prob_change / n, "ms_per_image": 1000.0 * wall / n, "n": float(len(images))}
+class GvrTrainer(Trainer):
+    """The autoencoder alone (no classifier while training)."""
 
+    name = "gvr"
+    settings_class = GvrTrainingConfig
+    best_parts = ("autoencoder",)
+    selection = "lowest validation reconstruction L1"
+    needs_classifier = False
+    progress_keys = ("l1", "mse")
 
-def train_gvr(
-    autoencoder: GvrAutoEncoder,
-    train_images: torch.Tensor,
-    val_images: torch.Tensor,
-    config: GvrTrainingConfig,
-    checkpoint_dir: Path,
-    *,
-    log_path: Path | None = None,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> TrainingResult:
-    """Train in place; leaves the best-validation weights in ``autoencoder``.
+    def __init__(self, settings: GvrTrainingConfig, autoencoder: GvrAutoEncoder, train_images: torch.Tensor,
+                 val_images: torch.Tensor):
+        super().__init__(settings, train_images, val_images)
+        self.autoencoder = autoencoder.to(self.device)
+        self.optimiser = adam(autoencoder, settings.learning_rate, settings.betas)
+        # Refuse bad explainer settings before training, not after it.
+        self.explainer()
 
-    ``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
-    at the classifier's input size; the autoencoder area-downsamples them itself.
-    """
-    started = time.perf_counter()
-    device = config.device
-    set_determinism(seed=config.seed)
-    autoencoder.to(device)
-    optimiser = torch.optim.Adam(autoencoder.parameters(), lr=config.learning_rate, betas=config.betas)
-    augment = augmentation(config)
-    checkpoints = gvr_checkpoints(checkpoint_dir, autoencoder=autoencoder, optimiser=optimiser,
-                                  n_train=len(train_images), settings=config.as_dict())
-    state: TrainingState = checkpoints.resume()
-    log_path = log_path or checkpoint_dir / "gvr_training_log.csv"
-    elapsed_before = state.elapsed_s
+    def networks(self) -> dict[str, nn.Module]:
+        return {"autoencoder": self.autoencoder}
 
-    for epoch in range(state.start_epoch, config.epochs):
-        autoencoder.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        batches = augmented_batches(train_images, epoch=epoch, seed=config.seed, batch_size=config.batch_size,
-                                    augment=augment, device=device)
-        for step, x in enumerate(batches):
-            n = len(x)
-            x = autoencoder.working(x)
-            out = autoencoder(x)
-            l1 = F.l1_loss(out, x)
-            mse = F.mse_loss(out, x)
-            loss = l1 + config.mse_weight * mse
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            values = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            seen += n
-            if on_step:
-                on_step(epoch, step + 1, {k: v / seen for k, v in sums.items()})
+    def parts(self) -> dict[str, Any]:
+        return {"autoencoder": self.autoencoder, "optimiser": self.optimiser}
 
-        val = evaluate_reconstruction(autoencoder, val_images, batch_size=max(config.batch_size, 64), device=device)
-        losses = {k: v / max(seen, 1) for k, v in sums.items()}
-        finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=(-val["reconstruction_l1"],),
-                     seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
+    def step(self, x: torch.Tensor) -> tuple[dict[str, float], int]:
+        x = self.autoencoder.working(x)
+        out = self.autoencoder(x)
+        l1, mse = F.l1_loss(out, x), F.mse_loss(out, x)
+        loss = l1 + self.settings.mse_weight * mse
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item()}, len(x)
 
-    checkpoints.load_best()
-    autoencoder.eval()
-    validation = evaluate_reconstruction(autoencoder, val_images, batch_size=max(config.batch_size, 64),
-                                         device=device)
-    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
-                             wall_time_s=state.elapsed_s)
+    def validate(self) -> dict[str, float]:
+        return evaluate_reconstruction(self.autoencoder, self.val_images, batch_size=max(self.settings.batch_size, 64),
+                                       device=self.device)
+
+    def selection_key(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        return (-metrics["reconstruction_l1"],)
+
+    def explainer(self) -> GvrExplainer:
+        return GvrExplainer(autoencoder=self.autoencoder, threshold=self.settings.threshold,
+                            **self.settings.explainer_parameters())
+
+    # -- the bundle ------------------------------------------------------------------
+
+    @classmethod
+    def for_bundle(cls, settings, bundle, classifier, splits) -> "GvrTrainer":
+        spec, w = bundle.spec, settings.width
+        settings = dataclasses.replace(settings, threshold=spec.task.threshold)
+        torch.manual_seed(settings.seed)
+        autoencoder = GvrAutoEncoder(widths=(w, 2 * w, 4 * w), latent_channels=settings.latent_channels,
+                                     size=working_size(settings.size, max(spec.input.size), 1),
+                                     in_channels=spec.input.channels)
+        return cls(settings, autoencoder, splits["train"].images, splits["val"].images)
+
+    def validate_explainer(self, classifier: nn.Module) -> dict[str, float]:
+        """The explainer on a seeded subset of the validation split (merged into the validation record)."""
+        pick = torch.randperm(len(self.val_images), generator=torch.Generator().manual_seed(self.settings.seed))
+        images = self.val_images[pick[:EXPLAINED_VALIDATION_IMAGES].sort().values]
+        return evaluate_explainer(self.explainer(), classifier, images, batch_size=EVALUATION_BATCH,
+                                  device=self.device)
+
+    def test(self, classifier, images, on_batch=None) -> dict[str, float]:
+        return evaluate_explainer(self.explainer(), classifier, images, batch_size=EVALUATION_BATCH,
+                                  device=self.device, on_batch=on_batch)
+
+    def bundle_parameters(self) -> dict[str, Any]:
+        return {"architecture": "medxplain.GvrAutoEncoder (MONAI residual units, spatial latent, sigmoid output)",
+                "network": self.autoencoder.config(), **self.settings.explainer_parameters()}
+
+    def bundle_training(self) -> dict[str, Any]:
+        return {"loss": f"L1 + {self.settings.mse_weight} * MSE reconstruction at the working size (no labels, "
+                        "no classifier)",
+                "evaluation": f"explainer with the parameters above, batches of {EVALUATION_BATCH}; validation on "
+                              f"a seeded subset of {min(EXPLAINED_VALIDATION_IMAGES, len(self.val_images))} images"}

@@ -1,4 +1,4 @@
-"""Training loop for medXGAN (tensors in, weights + log out).
+"""Training of medXGAN (Dravid et al. 2022), declared for ``explainers.training.fit``.
 
 Against a frozen classifier f (its logit, shifted by logit(threshold) so that
 "negative" means below the bundle's decision threshold). Each step draws a class
@@ -25,35 +25,24 @@ D and E see the generator's working size (real images are area-resampled to it);
 classifier sees G's image bilinearly resampled to its input size. The encoder is
 the fast inversion route: trained alongside G, it replaces the official code's
 5,000 Adam steps from z = 0 with E(x) plus a short refinement.
-Random geometric augmentation on every batch; epochs reseed from (seed, epoch),
-so a resumed run is bit-identical to an uninterrupted one on the same device.
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.utils import set_determinism
 from torch import nn
 
-from explainers.checkpoints import TrainingState, gan_checkpoints
-from explainers.evaluation import proximity_ssim
+from explainers._helpers import to_working
 from explainers.base import threshold_logit
-from explainers.medxgan import MedxganEncoder, MedxganExplainer, MedxganGenerator, to_input, to_working
-from explainers.sagen import PatchCritic
-from explainers.training import (
-    SettingsDict,
-    TrainingResult,
-    as_float,
-    augmentation,
-    augmented_batches,
-    finish_epoch,
-    freeze,
-)
+from explainers.medxgan import ANATOMY_DIM, PATHOLOGY_DIM, MedxganEncoder, MedxganExplainer, MedxganGenerator, \
+    to_input
+from explainers.networks import PatchCritic
+from explainers.training import AdversarialTrainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
+from explainers.validity import evaluate_explainer
 
 
 @dataclass
@@ -67,192 +56,167 @@ class MedxganLossWeights:
 
 
 @dataclass
-class MedxganTrainingConfig(SettingsDict):
-    epochs: int = 10
+class MedxganTrainingConfig(TrainingSettings):
     batch_size: int = 32
-    learning_rate: float = 2e-4  # generator and encoder
+    learning_rate: float = option(2e-4, "Adam learning rate of the generator and the encoder")
     discriminator_learning_rate: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    threshold: float = 0.5  # the bundle's decision threshold on P(positive)
-    margin: float = 1.0  # logits by which generated images must sit on their class's side of the threshold
+    size: int = option(64, "side of the generated images (multiple of 16); their change is upsampled to the "
+                           "bundle's input size")
+    width: int = option(16, "generator widths (8w, 4w, 2w, w); the encoder mirrors them")
+    anatomy_dim: int = option(ANATOMY_DIM, "size of the anatomy code z1")
+    pathology_dim: int = option(PATHOLOGY_DIM, "size of the pathology code z2")
+    threshold: float = from_bundle(0.5)  # the bundle's decision threshold on P(positive)
+    margin: float = option(1.0, "logits by which generated images must sit on their class's side")
     weights: MedxganLossWeights = field(default_factory=MedxganLossWeights)
-    rotate: float = 0.1  # augmentation: radians, relative scale, pixels
-    scale: float = 0.05
-    translate: float = 6.0
     validation_images: int = 32  # per-epoch selection runs the explainer on this many validation images
-    seed: int = 0
-    device: str = "cpu"
+    # The explainer's parameters, stored in bundle.yaml (config may override them).
+    inversion: str = explainer_parameter("encoder", "inversion route: encoder (fast) | optimise (official)")
+    inversion_steps: int = explainer_parameter(30, "encoder route: refinement Adam steps at most")
+    official_steps: int = explainer_parameter(5000, "optimise route: Adam steps from z = 0")
+    inversion_learning_rate: float = explainer_parameter(0.02, "Adam learning rate of the inversion",
+                                                         name="learning_rate")
+    tolerance: float = explainer_parameter(1e-3, "inversion: relative improvement that counts")
+    patience: int = explainer_parameter(10, "inversion: steps without improvement before stopping")
+    probability_weight: float = explainer_parameter(0.1, "inversion: weight of matching the classifier's "
+                                                         "probability")
+    negative_scale: float = explainer_parameter(1.0, "length of the walk for cases called negative, in "
+                                                     "sqrt(dim z2)")
+    steps: int = explainer_parameter(8, "images on the latent walk")
+    ig_steps: int = explainer_parameter(32, "medxgan_ig: trapezoid steps of the integrated gradients")
+    smoothing_sigma: float = explainer_parameter(2.0, "Gaussian smoothing of the saliency map, pixels")
 
 
-def evaluate_medxgan(explainer: MedxganExplainer, classifier: nn.Module, images: torch.Tensor, *,
-                     batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
-    """Validity, proximity, inversion error and cost of the explainer on a set of images."""
-    sums = {"flipped": 0.0, "flipped_pos": 0.0, "n_pos": 0.0, "proximity": 0.0, "ssim": 0.0, "inversion": 0.0,
-            "steps": 0.0}
-    started = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        x = as_float(images[start:start + batch_size]).to(device)
-        e = explainer.explain(x, classifier)
-        called = e.probability >= explainer.threshold
-        flips = torch.tensor([c["flipped"] for c in e.checks], device=called.device)
-        sums["flipped"] += float(flips.sum())
-        sums["flipped_pos"] += float((flips & called).sum())
-        sums["n_pos"] += float(called.sum())
-        sums["proximity"] += sum(c["proximity_l1"] for c in e.checks)
-        sums["inversion"] += sum(c["inversion_l1"] for c in e.checks)
-        sums["steps"] += sum(c["steps_used"] for c in e.checks)
-        sums["ssim"] += float(proximity_ssim(x, e.counterfactuals[:, -1]).sum())
-    n = max(len(images), 1)
-    n_pos, n_neg = sums["n_pos"], len(images) - sums["n_pos"]
-    return {"flip_rate": sums["flipped"] / n,
-            "flip_rate_called_positive": sums["flipped_pos"] / n_pos if n_pos else float("nan"),
-            "flip_rate_called_negative": (sums["flipped"] - sums["flipped_pos"]) / n_neg if n_neg else float("nan"),
-            "proximity_l1": sums["proximity"] / n, "proximity_ssim": sums["ssim"] / n,
-            "inversion_l1": sums["inversion"] / n, "steps_used": sums["steps"] / n,
-            "ms_per_image": 1000.0 * (time.perf_counter() - started) / n, "n": float(len(images))}
+class MedxganTrainer(AdversarialTrainer):
+    """Generator, encoder and patch critic against a frozen ``classifier``."""
 
+    name = "medxgan"
+    settings_class = MedxganTrainingConfig
+    best_parts = ("generator", "encoder")
+    progress_keys = ("loss_g", "loss_d", "loss_e", "train_class_rate")
 
-def _selection_key(metrics: dict[str, float]) -> tuple[float, float]:
-    # Highest validation flip rate; then the closest inversion.
-    return (round(metrics["flip_rate"], 3), -metrics["inversion_l1"])
+    def __init__(self, settings: MedxganTrainingConfig, generator: MedxganGenerator, encoder: MedxganEncoder,
+                 classifier: nn.Module, train_images: torch.Tensor, val_images: torch.Tensor, *,
+                 discriminator: nn.Module | None = None):
+        super().__init__(settings, generator, classifier, train_images, val_images, discriminator=discriminator)
+        s = settings
+        self.encoder = encoder.to(self.device)
+        self.opt_e = adam(encoder, s.learning_rate, s.betas)
+        self.offset = threshold_logit(s.threshold)
+        self.input_shape = tuple(train_images.shape[-2:])
+        # A seeded random sample: the validation split is sorted by class, its first images are one class.
+        pick = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(s.seed))
+        self.selection_images = val_images[pick[:s.validation_images].sort().values]
 
+    @property
+    def selection(self) -> str:  # type: ignore[override]
+        return (f"highest flip rate of the explainer on a seeded sample of {self.settings.validation_images} "
+                "validation images; ties: lowest inversion L1")
 
-def train_medxgan(
-    generator: MedxganGenerator,
-    encoder: MedxganEncoder,
-    classifier: nn.Module,
-    train_images: torch.Tensor,
-    val_images: torch.Tensor,
-    config: MedxganTrainingConfig,
-    checkpoint_dir: Path,
-    *,
-    discriminator: nn.Module | None = None,
-    explainer_parameters: dict | None = None,
-    log_path: Path | None = None,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> TrainingResult:
-    """Train in place; leaves the best-validation weights in ``generator`` and ``encoder``.
+    def default_discriminator(self, generator: nn.Module) -> nn.Module:
+        return PatchCritic(in_channels=generator.in_channels)
 
-    ``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
-    at the classifier's input size. The classifier is frozen and kept in eval mode.
-    """
-    started = time.perf_counter()
-    device = config.device
-    set_determinism(seed=config.seed)
-    discriminator = discriminator if discriminator is not None else PatchCritic(in_channels=generator.in_channels)
-    for part in (generator, encoder, discriminator):
-        part.to(device)
-    restore_classifier = freeze(classifier.to(device))
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
-    opt_e = torch.optim.Adam(encoder.parameters(), lr=config.learning_rate, betas=config.betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
-    augment = augmentation(config)
-    w = config.weights
-    offset = threshold_logit(config.threshold)
-    size, input_shape = generator.size, tuple(train_images.shape[-2:])
-    # A seeded random sample: the validation split is sorted by class, its first images are one class.
-    pick = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(config.seed))
-    selection = val_images[pick[:config.validation_images].sort().values]
+    def networks(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "encoder": self.encoder}
 
-    checkpoints = gan_checkpoints(checkpoint_dir, generator=generator, discriminator=discriminator, opt_g=opt_g,
-                                  opt_d=opt_d, n_train=len(train_images), settings=config.as_dict(),
-                                  extra_parts={"encoder": encoder, "opt_e": opt_e},
-                                  best_parts=("generator", "encoder"))
-    state: TrainingState = checkpoints.resume()
-    log_path = log_path or checkpoint_dir / "medxgan_training_log.csv"
-    elapsed_before = state.elapsed_s
+    def parts(self) -> dict[str, Any]:
+        return {**super().parts(), "encoder": self.encoder, "opt_e": self.opt_e}
 
-    def validate() -> dict[str, float]:
-        generator.eval()
-        encoder.eval()
-        explainer = MedxganExplainer(generator=generator, encoder=encoder, threshold=config.threshold,
-                                     **(explainer_parameters or {}))
-        metrics = evaluate_medxgan(explainer, classifier, selection, device=device)
-        generator.requires_grad_(True)  # the explainer froze them for its searches
-        encoder.requires_grad_(True)
-        return metrics
-
-    def real_walk(x: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _real_walk(self, x: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(BCE towards the other class, L1 change) of the walk the explainer shows for real x."""
+        g, margin = self.generator, self.settings.margin
         with torch.no_grad():
-            z1, z2 = generator.split(encoder(real))
-            called = (classifier(x).reshape(-1).float() - offset >= 0).float()
+            z1, z2 = g.split(self.encoder(real))
+            called = (self.classifier(x).reshape(-1).float() - self.offset >= 0).float()
             end = torch.where(called[:, None] > 0, torch.zeros_like(z2), z2 + torch.randn_like(z2))
         start = torch.cat([z1, z2], dim=1)
-        change = generator(torch.cat([z1, end], dim=1)) - generator(start)
-        shown = (x + to_input(change, input_shape)).clamp(0.0, 1.0)
+        change = g(torch.cat([z1, end], dim=1)) - g(start)
+        shown = (x + to_input(change, self.input_shape)).clamp(0.0, 1.0)
         wanted = 1.0 - called
-        logits = classifier(shown).reshape(-1).float() - offset
-        return (F.binary_cross_entropy_with_logits(logits - config.margin * (2.0 * wanted - 1.0), wanted),
+        logits = self.classifier(shown).reshape(-1).float() - self.offset
+        return (F.binary_cross_entropy_with_logits(logits - margin * (2.0 * wanted - 1.0), wanted),
                 F.l1_loss(shown, x))
 
-    try:
-        for epoch in range(state.start_epoch, config.epochs):
-            sums: dict[str, float] = {}
-            seen = 0
-            batches = augmented_batches(train_images, epoch=epoch, seed=config.seed, batch_size=config.batch_size,
-                                        augment=augment, device=device)
-            for step, x in enumerate(batches):
-                generator.train()
-                encoder.train()
-                discriminator.train()
-                n = len(x)
-                real = to_working(x, size)
-                wanted = torch.randint(0, 2, (n,), device=device).float()
-                z1 = torch.randn(n, generator.anatomy_dim, device=device)
-                z2 = torch.randn(n, generator.pathology_dim, device=device) * wanted[:, None]
-                z = torch.cat([z1, z2], dim=1)
-                fake = generator(z)
+    def step(self, x: torch.Tensor) -> tuple[dict[str, float], int]:
+        s, w, g, n = self.settings, self.settings.weights, self.generator, len(x)
+        real = to_working(x, g.size)
+        wanted = torch.randint(0, 2, (n,), device=self.device).float()
+        z1 = torch.randn(n, g.anatomy_dim, device=self.device)
+        z2 = torch.randn(n, g.pathology_dim, device=self.device) * wanted[:, None]
+        z = torch.cat([z1, z2], dim=1)
+        fake = g(z)
 
-                discriminator.requires_grad_(True)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d = F.relu(1.0 - discriminator(real)).mean() + F.relu(1.0 + discriminator(fake.detach())).mean()
-                loss_d.backward()
-                opt_d.step()
+        self.discriminator.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d = F.relu(1.0 - self.discriminator(real)).mean() + F.relu(1.0 + self.discriminator(fake.detach())).mean()
+        loss_d.backward()
+        self.opt_d.step()
 
-                discriminator.requires_grad_(False)
-                opt_g.zero_grad(set_to_none=True)
-                logits = classifier(to_input(fake, input_shape)).reshape(-1).float() - offset
-                cls = F.binary_cross_entropy_with_logits(logits - config.margin * (2.0 * wanted - 1.0), wanted)
-                gan = -discriminator(fake).mean()
-                walk, prox = real_walk(x, real)
-                loss_g = w.classification * cls + w.adversarial * gan + w.walk * walk + w.proximity * prox
-                loss_g.backward()
-                opt_g.step()
+        self.discriminator.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        logits = self.classifier(to_input(fake, self.input_shape)).reshape(-1).float() - self.offset
+        cls = F.binary_cross_entropy_with_logits(logits - s.margin * (2.0 * wanted - 1.0), wanted)
+        gan = -self.discriminator(fake).mean()
+        walk, prox = self._real_walk(x, real)
+        loss_g = w.classification * cls + w.adversarial * gan + w.walk * walk + w.proximity * prox
+        loss_g.backward()
+        self.opt_g.step()
 
-                generator.requires_grad_(False)
-                opt_e.zero_grad(set_to_none=True)
-                latent = F.mse_loss(encoder(fake.detach()), z)
-                rebuilt = generator(encoder(real))
-                rec = F.l1_loss(rebuilt, real) + F.mse_loss(rebuilt, real)
-                loss_e = w.latent * latent + w.reconstruction * rec
-                loss_e.backward()
-                opt_e.step()
-                generator.requires_grad_(True)
+        g.requires_grad_(False)
+        self.opt_e.zero_grad(set_to_none=True)
+        latent = F.mse_loss(self.encoder(fake.detach()), z)
+        rebuilt = g(self.encoder(real))
+        rec = F.l1_loss(rebuilt, real) + F.mse_loss(rebuilt, real)
+        loss_e = w.latent * latent + w.reconstruction * rec
+        loss_e.backward()
+        self.opt_e.step()
+        g.requires_grad_(True)
+        with torch.no_grad():
+            class_rate = float(((logits >= 0).float() == wanted).float().mean())
+        return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "loss_e": loss_e.item(),
+                "classification": cls.item(), "gan": gan.item(), "walk": walk.item(),
+                "walk_proximity": prox.item(), "latent": latent.item(), "reconstruction": rec.item(),
+                "train_class_rate": class_rate}, n
 
-                with torch.no_grad():
-                    class_rate = float(((logits >= 0).float() == wanted).float().mean())
-                values = {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "loss_e": loss_e.item(),
-                          "classification": cls.item(), "gan": gan.item(), "walk": walk.item(),
-                          "walk_proximity": prox.item(), "latent": latent.item(),
-                          "reconstruction": rec.item(), "train_class_rate": class_rate}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
-                seen += n
-                if on_step:
-                    on_step(epoch, step + 1, {k: v / seen for k, v in sums.items()})
+    def explainer(self) -> MedxganExplainer:
+        parameters = {k: v for k, v in self.settings.explainer_parameters().items() if k != "ig_steps"}
+        return MedxganExplainer(generator=self.generator, encoder=self.encoder, threshold=self.settings.threshold,
+                                **parameters)
 
-            val = validate()
-            losses = {k: v / max(seen, 1) for k, v in sums.items()}
-            finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=_selection_key(val),
-                         seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
+    def validate(self) -> dict[str, float]:
+        metrics = evaluate_explainer(self.explainer(), self.classifier, self.selection_images, device=self.device)
+        self.generator.requires_grad_(True)  # the explainer froze them for its searches
+        self.encoder.requires_grad_(True)
+        return metrics
 
-        checkpoints.load_best()
-        validation = validate()
-        generator.eval()
-        encoder.eval()
-    finally:
-        restore_classifier()
-    return TrainingResult(best_epoch=state.best_epoch, validation=validation, log=state.log,
-                                 wall_time_s=state.elapsed_s)
+    def selection_key(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        return (round(metrics["flip_rate"], 3), -metrics["inversion_l1"])
+
+    # -- the bundle ------------------------------------------------------------------
+
+    @classmethod
+    def for_bundle(cls, settings, bundle, classifier, splits) -> "MedxganTrainer":
+        spec, w, channels = bundle.spec, settings.width, bundle.spec.input.channels
+        settings = dataclasses.replace(settings, threshold=spec.task.threshold)
+        torch.manual_seed(settings.seed)
+        widths = (8 * w, 4 * w, 2 * w, w)
+        generator = MedxganGenerator(anatomy_dim=settings.anatomy_dim, pathology_dim=settings.pathology_dim,
+                                     widths=widths, size=settings.size, in_channels=channels)
+        encoder = MedxganEncoder(latent_dim=generator.latent_dim, widths=tuple(reversed(widths)), size=settings.size,
+                                 in_channels=channels)
+        return cls(settings, generator, encoder, classifier, splits["train"].images, splits["val"].images,
+                   discriminator=PatchCritic(in_channels=channels))
+
+    def test(self, classifier, images, on_batch=None) -> dict[str, float]:
+        return evaluate_explainer(self.explainer(), classifier, images, device=self.device, on_batch=on_batch)
+
+    def bundle_parameters(self) -> dict[str, Any]:
+        return {"architecture": "medxplain.MedxganGenerator (MONAI Generator, instance norm, sigmoid) + "
+                                "MedxganEncoder (MONAI Regressor)",
+                "network": self.generator.config(), "encoder_network": self.encoder.config(),
+                **self.settings.explainer_parameters(), "loss_weights": dataclasses.asdict(self.settings.weights),
+                "margin_logits": self.settings.margin}
+
+    def bundle_training(self) -> dict[str, Any]:
+        return {"discriminator": "MONAI PatchDiscriminator, 32 channels, 3 layers, instance norm, hinge loss",
+                "targets": "class drawn 50/50 per generated sample: z2 = 0 -> below the threshold by the margin, "
+                           "z2 ~ N(0, I) -> above it (the classifier's decision, not the labels)"}

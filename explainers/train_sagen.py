@@ -1,4 +1,5 @@
-"""Training loop for the similar/adversarial generator (tensors in, weights + log out).
+"""Training of the similar/adversarial generator (Charachon et al. 2020), declared for
+``explainers.training.fit``.
 
 Against a frozen classifier and its own thresholded decisions (never the labels):
 
@@ -11,52 +12,42 @@ Against a frozen classifier and its own thresholded decisions (never the labels)
 with yhat = [f(x) >= threshold] on the *augmented* x and t = logit(threshold), so
 "classified like x" means on the same side of the bundle's decision threshold; the
 adversarial head must cross it by a margin of m logits.
-Random geometric augmentation (small rotation, scale, shift) on every batch.
-
-Knows nothing of files or DICOM beyond its own checkpoints and CSV log. Resumable
-from the last epoch checkpoint; every epoch reseeds its data order and augmentation
-from (seed, epoch), so a resumed run is bit-identical to an uninterrupted one on
-the same device.
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.utils import set_determinism
 from torch import nn
 
+from explainers._helpers import as_float, frozen, to_working, working_size
 from explainers.base import threshold_logit
-from explainers.checkpoints import TrainingState, gan_checkpoints
-from explainers.sagen import PatchCritic, SagenGenerator
-from explainers.training import SettingsDict, as_float, augmentation, augmented_batches, finish_epoch, freeze
+from explainers.networks import PatchCritic
+from explainers.sagen import SagenExplainer, SagenGenerator
+from explainers.training import AdversarialTrainer, TrainingSettings, explainer_parameter, from_bundle, option
+from explainers.validity import evaluate_explainer
 
 
 @dataclass
 class SagenLossWeights:
     classification: float = 1.0  # each head, BCE on logits shifted by logit(threshold)
     reconstruction: float = 10.0  # similar head: L1 + L2 to the input
-    proximity: float = 2.0  # adversarial head: L1 to the input (5 left test NORMAL->PNEUMONIA at 70% flips)
+    proximity: float = option(2.0, "weight of L1(A(x), x): higher keeps the counterfactual closer to the input, "
+                                   "lower flips more decisions")  # 5 left test NORMAL->PNEUMONIA at 70% flips
     adversarial: float = 0.1  # realism: hinge generator loss, both heads
 
 
 @dataclass
-class SagenTrainingConfig(SettingsDict):
-    epochs: int = 10
-    batch_size: int = 16
-    learning_rate: float = 2e-4  # generator
+class SagenTrainingConfig(TrainingSettings):
+    size: int = option(64, "side the generator works at (multiple of 16); its change is upsampled to the "
+                           "bundle's input size")
+    width: int = option(16, "U-Net base width: features (w, 2w, 4w, 8w, 16w, w)")
     discriminator_learning_rate: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    threshold: float = 0.5  # the bundle's decision threshold on P(positive)
+    threshold: float = from_bundle(0.5)  # the bundle's decision threshold on P(positive)
     weights: SagenLossWeights = field(default_factory=SagenLossWeights)
-    # Augmentation: rotation (radians), relative scale, shift (pixels at the input size).
-    rotate: float = 0.1
-    scale: float = 0.05
-    translate: float = 6.0
     # Weight each case's classification losses by the inverse frequency of the class the
     # classifier called (74% of Kermany train is pneumonia): without it the adversarial
     # head first learns one universal "make it normal" change and neglects the minority.
@@ -64,55 +55,15 @@ class SagenTrainingConfig(SettingsDict):
     # The adversarial head must cross the threshold by this many logits, not just reach
     # it: counterfactuals that stop right at the threshold flip on validation but not
     # on a shifted test set (Kermany's test split is).
-    margin: float = 1.0
-    seed: int = 0
-    device: str = "cpu"
-
-
-@dataclass
-class SagenTrainingResult:
-    best_epoch: int
-    validation: dict[str, float]
-    called_positive_fraction: float
-    log: list[dict[str, float]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-
-
-@torch.no_grad()
-def evaluate_sagen(generator: SagenGenerator, classifier: nn.Module, images: torch.Tensor, threshold: float,
-                   *, batch_size: int = 64, device: str = "cpu") -> dict[str, float]:
-    """Validity and proximity of both heads on a set of images (uint8 or [0, 1] floats)."""
-    generator.eval()
-    flipped = kept = proximity = similar_l1 = prob_change = 0.0
-    n_pos = flipped_pos = 0.0
-    for start in range(0, len(images), batch_size):
-        x = as_float(images[start:start + batch_size]).to(device)
-        similar, adversarial = generator(x)
-        p = torch.sigmoid(classifier(torch.cat([x, similar, adversarial])).reshape(-1).float())
-        px, ps, pa = p.chunk(3)
-        called = px >= threshold
-        flips = (pa >= threshold) != called
-        flipped += float(flips.sum())
-        n_pos += float(called.sum())
-        flipped_pos += float((flips & called).sum())
-        kept += float(((ps >= threshold) == called).sum())
-        proximity += float((adversarial - x).abs().flatten(1).mean(1).sum())
-        similar_l1 += float((similar - x).abs().flatten(1).mean(1).sum())
-        prob_change += float((pa - px).abs().sum())
-    n = max(len(images), 1)
-    n_neg = len(images) - n_pos
-    return {"flip_rate": flipped / n,
-            # per class the classifier called (NaN where it called none of that class)
-            "flip_rate_called_positive": flipped_pos / n_pos if n_pos else float("nan"),
-            "flip_rate_called_negative": (flipped - flipped_pos) / n_neg if n_neg else float("nan"),
-            "similar_kept_rate": kept / n, "proximity_l1": proximity / n,
-            "similar_l1": similar_l1 / n, "probability_change": prob_change / n, "n": float(len(images))}
+    margin: float = option(1.0, "logits by which the adversarial image must cross the threshold")
+    steps: int = explainer_parameter(1, "images on the path S(x) -> A(x) the explainer shows")
+    smoothing_sigma: float = explainer_parameter(2.0, "Gaussian smoothing of the saliency map, pixels")
 
 
 @torch.no_grad()
 def called_positive_fraction(classifier: nn.Module, images: torch.Tensor, threshold: float, *,
                              batch_size: int = 64, device: str = "cpu") -> float:
-    """Fraction of images the classifier calls positive (at the decision threshold)."""
+    """Fraction of images (N, C, H, W) the classifier calls positive at ``threshold``."""
     positive = 0.0
     for start in range(0, len(images), batch_size):
         x = as_float(images[start:start + batch_size]).to(device)
@@ -120,126 +71,102 @@ def called_positive_fraction(classifier: nn.Module, images: torch.Tensor, thresh
     return positive / max(len(images), 1)
 
 
-def _selection_key(metrics: dict[str, float]) -> tuple[float, float]:
-    # Highest validation flip rate; among equal ones, the smallest distance of both
-    # heads to the input (reconstruction of S plus proximity of A).
-    return (metrics["flip_rate"], -(metrics["similar_l1"] + metrics["proximity_l1"]))
+class SagenTrainer(AdversarialTrainer):
+    """Both heads of ``generator`` against a frozen ``classifier`` (logit of the positive class)."""
 
+    name = "sagen"
+    settings_class = SagenTrainingConfig
+    best_parts = ("generator",)
+    selection = "highest validation flip rate; ties: lowest |S-x| + |A-x|"
+    progress_keys = ("loss_g", "loss_d", "train_flip_rate")
 
-def train_sagen(
-    generator: SagenGenerator,
-    classifier: nn.Module,
-    train_images: torch.Tensor,
-    val_images: torch.Tensor,
-    config: SagenTrainingConfig,
-    checkpoint_dir: Path,
-    *,
-    discriminator: nn.Module | None = None,
-    log_path: Path | None = None,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> SagenTrainingResult:
-    """Train in place; leaves the best-validation weights in ``generator``.
-
-    ``train_images`` / ``val_images``: (N, C, H, W), uint8 (x 255) or float in [0, 1],
-    at the classifier's input size. The classifier is frozen and kept in eval mode.
-    """
-    started = time.perf_counter()
-    device = config.device
-    set_determinism(seed=config.seed)
-    discriminator = discriminator if discriminator is not None else PatchCritic(in_channels=generator.in_channels)
-    generator.to(device)
-    discriminator.to(device)
-    restore_classifier = freeze(classifier.to(device))
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_learning_rate, betas=config.betas)
-    augment = augmentation(config)
-    w = config.weights
-    offset = threshold_logit(config.threshold)
-    critic_size = generator.size
-    positive_fraction = called_positive_fraction(classifier, train_images, config.threshold, device=device)
-    if config.balance_classes:
+    def __init__(self, settings: SagenTrainingConfig, generator: SagenGenerator, classifier: nn.Module,
+                 train_images: torch.Tensor, val_images: torch.Tensor, *, discriminator: nn.Module | None = None):
+        super().__init__(settings, generator, classifier, train_images, val_images, discriminator=discriminator)
+        s = settings
+        self.offset = threshold_logit(s.threshold)
+        with frozen(self.classifier):
+            self.positive_fraction = called_positive_fraction(classifier, train_images, s.threshold,
+                                                              device=self.device)
         floor = 1.0 / max(len(train_images), 1)
-        class_weight = (0.5 / max(1.0 - positive_fraction, floor), 0.5 / max(positive_fraction, floor))
-    else:
-        class_weight = (1.0, 1.0)
+        self.class_weight = ((0.5 / max(1.0 - self.positive_fraction, floor), 0.5 / max(self.positive_fraction, floor))
+                             if s.balance_classes else (1.0, 1.0))
 
-    def critic(images: torch.Tensor) -> torch.Tensor:
+    def default_discriminator(self, generator: nn.Module) -> nn.Module:
+        return PatchCritic(in_channels=generator.in_channels)
+
+    def critic(self, images: torch.Tensor) -> torch.Tensor:
         # The discriminator looks at the generator's working resolution.
-        if critic_size is not None and images.shape[-1] != critic_size:
-            images = F.interpolate(images, size=(critic_size, critic_size), mode="area")
-        return discriminator(images)
+        return self.discriminator(to_working(images, self.generator.size))
 
-    checkpoints = gan_checkpoints(checkpoint_dir, generator=generator, discriminator=discriminator, opt_g=opt_g,
-                                  opt_d=opt_d, n_train=len(train_images), settings=config.as_dict())
-    state: TrainingState = checkpoints.resume()
-    log_path = log_path or checkpoint_dir / "sagen_training_log.csv"
-    elapsed_before = state.elapsed_s
+    def step(self, x: torch.Tensor) -> tuple[dict[str, float], int]:
+        s, w, n = self.settings, self.settings.weights, len(x)
+        with torch.no_grad():
+            called = (self.classifier(x).reshape(-1) - self.offset >= 0).float()
+        similar, adversarial = self.generator(x)
+        fakes = torch.cat([similar, adversarial])
 
-    try:
-        for epoch in range(state.start_epoch, config.epochs):
-            generator.train()
-            discriminator.train()
-            sums: dict[str, float] = {}
-            seen = 0
-            batches = augmented_batches(train_images, epoch=epoch, seed=config.seed, batch_size=config.batch_size,
-                                        augment=augment, device=device)
-            for step, x in enumerate(batches):
-                n = len(x)
-                with torch.no_grad():
-                    called = (classifier(x).reshape(-1) - offset >= 0).float()
+        self.discriminator.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d = F.relu(1.0 - self.critic(x)).mean() + F.relu(1.0 + self.critic(fakes.detach())).mean()
+        loss_d.backward()
+        self.opt_d.step()
 
-                similar, adversarial = generator(x)
-                fakes = torch.cat([similar, adversarial])
+        self.discriminator.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        logits = self.classifier(fakes).reshape(-1) - self.offset
+        weight = torch.where(called > 0, self.class_weight[1], self.class_weight[0])
+        cls_s = F.binary_cross_entropy_with_logits(logits[:n], called, weight=weight)
+        wanted = 1.0 - called
+        cls_a = F.binary_cross_entropy_with_logits(logits[n:] - s.margin * (2.0 * wanted - 1.0), wanted,
+                                                   weight=weight)
+        rec = F.l1_loss(similar, x) + F.mse_loss(similar, x)
+        prox = F.l1_loss(adversarial, x)
+        gan = -self.critic(fakes).mean()
+        loss_g = (w.classification * (cls_s + cls_a) + w.reconstruction * rec + w.proximity * prox
+                  + w.adversarial * gan)
+        loss_g.backward()
+        self.opt_g.step()
+        with torch.no_grad():
+            flips = float(((logits[n:] >= 0).float() != called).float().mean())
+        return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "cls_similar": cls_s.item(),
+                "cls_adversarial": cls_a.item(), "reconstruction": rec.item(), "proximity": prox.item(),
+                "gan": gan.item(), "train_flip_rate": flips}, n
 
-                # Discriminator (hinge).
-                discriminator.requires_grad_(True)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d = F.relu(1.0 - critic(x)).mean() + F.relu(1.0 + critic(fakes.detach())).mean()
-                loss_d.backward()
-                opt_d.step()
+    def explainer(self) -> SagenExplainer:
+        return SagenExplainer(generator=self.generator, threshold=self.settings.threshold,
+                              **self.settings.explainer_parameters())
 
-                # Generator.
-                discriminator.requires_grad_(False)
-                opt_g.zero_grad(set_to_none=True)
-                logits = classifier(fakes).reshape(-1) - offset
-                weight = torch.where(called > 0, class_weight[1], class_weight[0])
-                cls_s = F.binary_cross_entropy_with_logits(logits[:n], called, weight=weight)
-                wanted = 1.0 - called
-                cls_a = F.binary_cross_entropy_with_logits(logits[n:] - config.margin * (2.0 * wanted - 1.0),
-                                                           wanted, weight=weight)
-                rec = F.l1_loss(similar, x) + F.mse_loss(similar, x)
-                prox = F.l1_loss(adversarial, x)
-                gan = -critic(fakes).mean()
-                loss_g = (w.classification * (cls_s + cls_a) + w.reconstruction * rec + w.proximity * prox
-                          + w.adversarial * gan)
-                loss_g.backward()
-                opt_g.step()
+    def validate(self) -> dict[str, float]:
+        return evaluate_explainer(self.explainer(), self.classifier, self.val_images,
+                                  batch_size=max(self.settings.batch_size, 64), device=self.device, ssim=False)
 
-                with torch.no_grad():
-                    flips = float(((logits[n:] >= 0).float() != called).float().mean())
-                values = {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "cls_similar": cls_s.item(),
-                          "cls_adversarial": cls_a.item(), "reconstruction": rec.item(), "proximity": prox.item(),
-                          "gan": gan.item(), "train_flip_rate": flips}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
-                seen += n
-                if on_step:
-                    on_step(epoch, step + 1, {k: v / seen for k, v in sums.items()})
+    def selection_key(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        return (metrics["flip_rate"], -(metrics["similar_l1"] + metrics["proximity_l1"]))
 
-            val = evaluate_sagen(generator, classifier, val_images, config.threshold,
-                                 batch_size=max(config.batch_size, 64), device=device)
-            losses = {k: v / max(seen, 1) for k, v in sums.items()}
-            finish_epoch(checkpoints, state, epoch=epoch, losses=losses, validation=val, key=_selection_key(val),
-                         seconds=elapsed_before + time.perf_counter() - started, log_path=log_path, on_epoch=on_epoch)
+    # -- the bundle ------------------------------------------------------------------
 
-        checkpoints.load_best()
-        generator.eval()
-        validation = evaluate_sagen(generator, classifier, val_images, config.threshold,
-                                    batch_size=max(config.batch_size, 64), device=device)
-    finally:
-        restore_classifier()
-    return SagenTrainingResult(best_epoch=state.best_epoch, validation=validation,
-                               called_positive_fraction=positive_fraction, log=state.log,
-                               wall_time_s=state.elapsed_s)
+    @classmethod
+    def for_bundle(cls, settings, bundle, classifier, splits) -> "SagenTrainer":
+        spec, w = bundle.spec, settings.width
+        settings = dataclasses.replace(settings, threshold=spec.task.threshold)
+        torch.manual_seed(settings.seed)
+        generator = SagenGenerator(features=(w, 2 * w, 4 * w, 8 * w, 16 * w, w), in_channels=spec.input.channels,
+                                   size=working_size(settings.size, max(spec.input.size), 16))
+        return cls(settings, generator, classifier, splits["train"].images, splits["val"].images,
+                   discriminator=PatchCritic(in_channels=spec.input.channels))
 
+    def test(self, classifier, images, on_batch=None) -> dict[str, float]:
+        return evaluate_explainer(self.explainer(), classifier, images, batch_size=64, device=self.device,
+                                  on_batch=on_batch)
+
+    def bundle_parameters(self) -> dict[str, Any]:
+        return {"architecture": "medxplain.SagenGenerator (MONAI BasicUNet, two residual heads)",
+                "network": self.generator.config(), **self.settings.explainer_parameters(),
+                "loss_weights": dataclasses.asdict(self.settings.weights), "margin_logits": self.settings.margin}
+
+    def bundle_training(self) -> dict[str, Any]:
+        return {"discriminator": "MONAI PatchDiscriminator, 32 channels, 3 layers, instance norm, hinge loss",
+                "targets": "classifier's own thresholded predictions on the augmented input (not the labels)",
+                "balance_classes": self.settings.balance_classes,
+                "called_positive_fraction": round(self.positive_fraction, 4)}

@@ -6,15 +6,19 @@ Orthanc's log functions in, so everything here can be tested without Orthanc.
 - :class:`StudyMarks`: the loop guard's table ``orthanc_marks`` in the queue's
   SQLite file: a study is marked when a *non*-medxplain instance is stored, and
   a mark is taken (job enqueued, mark cleared) on STABLE_STUDY.
-- :func:`orthanc_study_id`: Orthanc's study identifier computed from the tags.
+- :func:`orthanc_study_id`: Orthanc's study identifier computed from the tags,
+  exactly as Orthanc does (checked against Orthanc in the tests).
+- :func:`worker_may`: what the worker's Orthanc account may do (least privilege).
 - :class:`Timings`: callback durations (the plugin measures itself).
 - :class:`WorkerSupervisor`: start the worker, restart it with back-off, stop it.
 - :func:`jobs_answer`: the JSON of ``GET /medxplain/jobs``.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
+import re
 import os
 import signal
 import sqlite3
@@ -32,9 +36,46 @@ CREATE TABLE IF NOT EXISTS orthanc_marks (
 
 
 def orthanc_study_id(patient_id: str, study_uid: str) -> str:
-    """Orthanc's study id: SHA-1 of "PatientID|StudyInstanceUID", as 5 dash-separated groups of 8 hex digits."""
-    digest = hashlib.sha1(f"{patient_id.strip()}|{study_uid.strip()}".encode("utf-8")).hexdigest()
+    """Orthanc's study id: SHA-1 of "PatientID|StudyInstanceUID", as 5 dash-separated
+    groups of 8 hex digits (Orthanc's DicomInstanceHasher).
+
+    The values must be the ones Orthanc itself extracted (``GetInstanceSimplifiedJson``
+    of the instance): DCMTK has already dropped the trailing padding there, and
+    leading spaces are kept, so nothing is stripped here (a leading space in a
+    Patient ID is part of Orthanc's id).
+    """
+    digest = hashlib.sha1(f"{patient_id}|{study_uid}".encode("utf-8")).hexdigest()
     return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
+# The worker's Orthanc account (least privilege): what it needs and nothing more.
+# Orthanc ids are 5 groups of 8 hex digits.
+_OID = r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}"
+WORKER_ALLOWED = (
+    ("GET", re.compile(r"/system")),
+    ("GET", re.compile(rf"/studies/{_OID}/(?:series|instances)")),
+    ("GET", re.compile(rf"/instances/{_OID}/file")),
+    ("POST", re.compile(r"/instances")),        # store results
+    ("POST", re.compile(r"/tools/lookup")),     # "already explained?" (finds by UID)
+)
+
+
+def worker_may(method: str, uri: str) -> bool:
+    """May the worker's account make this request? Everything not listed in
+    :data:`WORKER_ALLOWED` is refused: no DELETE, no PUT (e.g. a new DICOM modality
+    to send patient data to), no /tools/execute-script, no other studies' listing."""
+    return any(method == m and pattern.fullmatch(uri) for m, pattern in WORKER_ALLOWED)
+
+
+def basic_auth_user(headers: dict[str, str]) -> str | None:
+    """The user name of an HTTP basic Authorization header (Orthanc checked the password)."""
+    value = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+    if not value.lower().startswith("basic "):
+        return None
+    try:
+        return base64.b64decode(value[6:].strip()).decode("utf-8").split(":", 1)[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class StudyMarks:
@@ -106,6 +147,17 @@ class StudyMarks:
         with self._conn() as db:
             return [r[0] for r in db.execute("SELECT study FROM orthanc_marks ORDER BY updated")]
 
+    def studies_with_time(self) -> list[tuple[str, float]]:
+        """(study, time of its newest instance) of every mark, oldest first."""
+        with self._conn() as db:
+            return [(r[0], r[1]) for r in db.execute("SELECT study, updated FROM orthanc_marks ORDER BY updated")]
+
+    def probe(self) -> None:
+        """A durable write that records nothing: raises while the queue file cannot be written."""
+        with self._conn() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS orthanc_probe (id INTEGER PRIMARY KEY, time REAL NOT NULL)")
+            db.execute("INSERT OR REPLACE INTO orthanc_probe (id, time) VALUES (1, ?)", (time.time(),))
+
     def take(self, study: str, enqueue: Callable[[str], Any]) -> Any:
         """STABLE_STUDY: if ``study`` is marked, make its job durable (``enqueue``), then
         clear the mark unless a new instance re-marked it meanwhile. None if unmarked."""
@@ -146,7 +198,7 @@ class WorkerSupervisor:
     def __init__(self, command: list[str], *, cwd: str, env: dict[str, str] | None = None,
                  log_path: str | None = None, pid_path: str | None = None, stop_timeout_s: float = 15.0,
                  check_interval_s: float = 2.0, log_warning: Callable[[str], None] = print,
-                 log_error: Callable[[str], None] = print):
+                 log_error: Callable[[str], None] = print, on_exit: Callable[[int], None] | None = None):
         self.command = [str(c) for c in command]
         self.cwd = cwd
         self.env = env or {}
@@ -156,6 +208,7 @@ class WorkerSupervisor:
         self.check_interval_s = check_interval_s
         self.log_warning = log_warning
         self.log_error = log_error
+        self.on_exit = on_exit  # told the pid of a worker that exited (its leases are released at once)
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.last_exit: int | None = None
@@ -189,8 +242,15 @@ class WorkerSupervisor:
                         delay = 1.0 if ran > 60 else min(60.0, delay * 2)
                         self.log_error(f"medxplain: worker exited (code {self.proc.returncode} after {ran:.0f} s); "
                                        f"restarting in {delay:.0f} s")
+                        pid = self.proc.pid
                         self.proc = None
                         self.restarts += 1
+                        if self.on_exit is not None:
+                            try:
+                                self.on_exit(pid)
+                            except Exception as exc:  # the next worker's first lease releases them too
+                                self.log_error(f"medxplain: releasing the leases of worker {pid} failed: "
+                                               f"{type(exc).__name__}: {exc}")
                         if self.stopping.wait(delay):
                             break
                     started = self._spawn()
@@ -247,11 +307,14 @@ JOB_FIELDS = ("id", "key", "state", "attempts", "max_attempts", "last_error", "r
 
 
 def jobs_answer(queue: Any, marks: StudyMarks, timings: Timings, worker: dict[str, Any], *,
-                state: str | None = None, limit: int = 50) -> dict[str, Any]:
+                state: str | None = None, limit: int = 50, health: dict[str, Any] | None = None) -> dict[str, Any]:
     """The body of GET /medxplain/jobs: counts, the newest jobs (dead ones with their
-    last error), the plugin's callback times and counters, the worker's status."""
+    last error), the queue's health and incidents (emptied, damaged, recovered...),
+    the plugin's callback times and counters, the worker's status."""
     jobs = queue.list(state=state, limit=limit)
     return {
+        "health": health or {"ok": True},
+        "incidents": queue.incidents(),
         "counts": queue.counts(),
         "jobs": [{**{k: getattr(j, k) for k in JOB_FIELDS}, "study": j.payload.get("study")} for j in jobs],
         "stats": {"stored_instance_callback": timings.stats("stored"), "change_callback": timings.stats("change"),

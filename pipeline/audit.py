@@ -86,6 +86,9 @@ class ScrubUIDsFilter(logging.Filter):
         return True
 
 
+_MAX_LISTED = 100  # failed images listed by name in one audit line; the count is always complete
+
+
 @dataclass
 class JobAudit:
     """What one job did; ``record()`` is the audit line."""
@@ -98,7 +101,11 @@ class JobAudit:
     explained: int = 0
     already_done: int = 0
     skipped: Counter = field(default_factory=Counter)
-    failed: int = 0  # eligible images whose explanation raised (the job is retried)
+    failed: int = 0  # eligible images whose explanation raised
+    #: per image that failed for good: {"instance": hashed label, "reason": stable code}
+    failures: list = field(default_factory=list)
+    #: reader notes on doubtful headers, by code (e.g. presentation_lut_inverse)
+    warnings: Counter = field(default_factory=Counter)
     stored: Counter = field(default_factory=Counter)
     profiles: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
@@ -107,12 +114,20 @@ class JobAudit:
         self.skipped[reason] += n
         self.seen += n
 
+    def fail(self, instance: str, reason: str) -> None:
+        """An eligible image that cannot be explained (deterministic: not retried)."""
+        self.failed += 1
+        if len(self.failures) < _MAX_LISTED:
+            self.failures.append({"instance": instance, "reason": reason})
+
     def summary(self) -> dict[str, Any]:
-        """Counts only: also the queue's result of a done job."""
+        """Counts, and the failed images by hashed label: also the queue's result of a done job."""
         return {
             "instances": {"seen": self.seen, "explained": self.explained, "skipped": sum(self.skipped.values()),
                           "already_done": self.already_done, "failed": self.failed},
             "skipped": dict(sorted(self.skipped.items())),
+            "failures": list(self.failures),
+            "warnings": dict(sorted(self.warnings.items())),
             "outputs_stored": dict(sorted(self.stored.items())),
             "profiles": dict(sorted(self.profiles.items())),
             "ms": round((time.perf_counter() - self.started) * 1000.0, 1),

@@ -135,7 +135,8 @@ class DicomNode:
                  quiet_s: float, spool: str | Path, queue: JobQueue,
                  on_study: Callable[[StudyQueued], None] | None = None,
                  on_rejected: Callable[[str, str, str], None] | None = None,
-                 sweep_interval_s: float = 60.0, clean_done: bool = True):
+                 sweep_interval_s: float = 60.0, clean_done: bool = True,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         if quiet_s <= 0:
             raise ValueError('Argument "quiet_s" must be positive.')
         self.spool = Path(spool).absolute()
@@ -144,6 +145,10 @@ class DicomNode:
         self.on_study = on_study
         self.sweep_interval_s = float(sweep_interval_s)
         self.clean_done = clean_done
+        # Injected clocks (tests pass fake ones and call tick()): ``clock`` for the quiet
+        # timeout and the sweep period, ``wall_clock`` for file ages.
+        self.clock = clock
+        self.wall_clock = wall_clock
         self.scp = StorageSCP(ae_title=ae_title, host=host, port=port,
                               allowed_calling_ae_titles=allowed_calling_ae_titles,
                               on_store=self._store, on_rejected=on_rejected or self._log_rejected)
@@ -151,6 +156,7 @@ class DicomNode:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_sweep: float | None = None
         self.ignored_own_output = 0
         self.failed_writes = 0
 
@@ -161,8 +167,14 @@ class DicomNode:
 
         node = config.dicom_node
         q = config.queue
+        # The node owns its queue: an emptied or damaged file is moved aside and the spool
+        # (the node's own state) is queued again by the start-up reconcile pass.
         queue = JobQueue(resolve(q.path), max_attempts=q.max_attempts, backoff_s=q.backoff_s,
-                         backoff_max_s=q.backoff_max_s)
+                         backoff_max_s=q.backoff_max_s, unavailable_dead_after_s=q.unavailable_dead_after_s,
+                         recover=True)
+        if queue.incident is not None:
+            LOGGER.error("THE JOB QUEUE WAS %s: %s; every study still in the spool is queued again",
+                         queue.incident["kind"].upper(), queue.incident["detail"])
         return cls(ae_title=ae_title or node.ae_title, host=node.host, port=node.port if port is None else port,
                    allowed_calling_ae_titles=node.allowed_calling_ae_titles, quiet_s=node.quiet_s,
                    spool=resolve(node.spool), queue=queue, **kwargs)
@@ -190,7 +202,8 @@ class DicomNode:
 
     def start(self) -> int:
         """Reconcile the spool, then listen; returns the bound port."""
-        self.spool.mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(self.spool, 0o700)  # full DICOM files: only this account reads them
         self.reconcile(startup=True)
         if self.scp.refuses_everyone:
             LOGGER.warning("dicom_node.allowed_calling_ae_titles is empty: every association will be rejected")
@@ -243,10 +256,10 @@ class DicomNode:
             return STATUS_SUCCESS
         study = uid_hash(study_uid)
         with self._lock:  # registered before the write: reconcile leaves the folder alone
-            entry = self._pending.setdefault(study, _Pending(last=time.monotonic()))
+            entry = self._pending.setdefault(study, _Pending(last=self.clock()))
             entry.inflight += 1
             entry.stores += 1
-            entry.last = time.monotonic()
+            entry.last = self.clock()
         ok = False
         try:
             self._write(study, uid_hash(sop_uid), instance.encoded())
@@ -257,7 +270,7 @@ class DicomNode:
         finally:
             with self._lock:
                 entry.inflight -= 1
-                entry.last = time.monotonic()
+                entry.last = self.clock()
                 if ok:
                     entry.received += 1
                     entry.calling.add(instance.calling_ae_title)
@@ -268,12 +281,12 @@ class DicomNode:
     def _write(self, study: str, instance: str, data: bytes) -> Path:
         folder = self.study_folder(study)
         if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, mode=0o700, exist_ok=True)
             _fsync_dir(folder.parent)  # the new folder's entry is durable too
         final = folder / f"{instance}{SPOOL_SUFFIX}"
         tmp = folder / f".{instance}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
-            with open(tmp, "xb") as fh:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -291,19 +304,26 @@ class DicomNode:
     # ------------------------------------------------------------------ grouping
 
     def _run(self) -> None:
-        tick = min(0.25, self.quiet_s / 4)
-        next_sweep = time.monotonic() + self.sweep_interval_s
-        while not self._stop.wait(tick):
+        period = min(0.25, self.quiet_s / 4)
+        while not self._stop.wait(period):
             try:
-                self._queue_quiet()
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self.sweep_interval_s
-                    self.reconcile()
+                self.tick()
             except Exception:  # noqa: BLE001 - keep grouping; the files are durable
                 LOGGER.exception("DICOM node grouping pass failed; retrying")
 
+    def tick(self) -> None:
+        """One grouping pass: queue the studies quiet for ``quiet_s`` (by ``clock``) and,
+        every ``sweep_interval_s``, reconcile the spool. The node's thread calls it a
+        few times a second; a test with a fake clock advances it and calls it."""
+        self._queue_quiet()
+        if self._next_sweep is None:
+            self._next_sweep = self.clock() + self.sweep_interval_s
+        elif self.clock() >= self._next_sweep:
+            self._next_sweep = self.clock() + self.sweep_interval_s
+            self.reconcile()
+
     def _queue_quiet(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             due = [s for s, e in self._pending.items() if e.inflight == 0 and now - e.last >= self.quiet_s]
         for study in due:
@@ -330,7 +350,7 @@ class DicomNode:
             self._enqueue(study, reason, calling)
         except Exception:
             with self._lock:  # try again after another quiet period
-                entry.last = time.monotonic()
+                entry.last = self.clock()
             raise
         with self._lock:
             # Forget the study unless an instance arrived meanwhile: then the next
@@ -341,7 +361,7 @@ class DicomNode:
     def _spooled(self, folder: Path) -> list[Path]:
         try:
             return sorted(p for p in folder.iterdir() if p.suffix == SPOOL_SUFFIX and not p.name.startswith("."))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # gone, or the spool itself is broken
             return []
 
     def _enqueue(self, study: str, reason: str, calling: tuple[str, ...] = ()) -> StudyQueued | None:
@@ -404,9 +424,8 @@ class DicomNode:
             # dead and nothing new: kept for `medxplain jobs retry`
         return queued
 
-    @staticmethod
-    def _remove_stale_tmp(folder: Path, max_age_s: float) -> None:
-        now = time.time()
+    def _remove_stale_tmp(self, folder: Path, max_age_s: float) -> None:
+        now = self.wall_clock()
         for path in folder.glob(f".*{_TMP_SUFFIX}"):
             try:
                 if now - path.stat().st_mtime > max_age_s:

@@ -65,6 +65,9 @@ def orthanc_command(
         base_config=config, worker_overrides=overrides, viewer=viewer)
     from config import ConfigError
 
+    import time
+
+    started_at = time.time()
     try:
         # Orthanc always gets its own session: a terminal's Ctrl-C reaches only this command,
         # which then stops Orthanc with one SIGTERM (Orthanc dies at once on a second signal).
@@ -73,6 +76,14 @@ def orthanc_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     p = launcher.paths(data)
+    problems = launcher.plugin_problems(settings, started_at)
+    if problems:
+        typer.echo(f"Orthanc is running (pid {proc.pid}) but medxplain is NOT healthy:", err=True)
+        for problem in problems:
+            typer.echo(f"  - {problem}", err=True)
+        typer.echo(f"  Details: {p['log']} and {settings.url}/medxplain/jobs; "
+                   f"stop: medxplain orthanc --stop --data {data}", err=True)
+        raise typer.Exit(3)
     worker = ("started and supervised by the plugin (log: " + str(p["worker_log"]) + ")" if not no_worker else
               f"not started; run: medxplain worker --config {p['worker_config']} "
               f"(with {launcher.PASSWORD_ENV} set to the '{launcher.WORKER_USER}' password)")

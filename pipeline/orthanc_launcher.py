@@ -74,6 +74,8 @@ class OrthancSettings:
     # worker reads each file once and the OS page cache already keeps recent files).
     max_storage_cache_mb: int = 0
     plugin_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the "Medxplain" section
+    reconcile_s: float = 30.0  # the plugin's reconciliation period (marks, stable studies, queue probe)
+    queue_file: Path | None = None  # default DIR/queue.db (e.g. a separate file system)
     # Serve OHIF under /ohif/ (needs the DICOMweb plugin and the app prepared by scripts/install.sh);
     # `medxplain orthanc` turns it on unless --no-viewer.
     viewer: bool = False
@@ -88,7 +90,7 @@ class OrthancSettings:
 
     @property
     def queue_path(self) -> Path:
-        return self.data / "queue.db"
+        return Path(self.queue_file).resolve() if self.queue_file else self.data / "queue.db"
 
     @property
     def url(self) -> str:
@@ -136,7 +138,7 @@ def write_configs(settings: OrthancSettings) -> dict[str, Any]:
     base = load_config(settings.base_config, {k: v for k, v in settings.worker_overrides.items()})
     worker_cfg = base.model_dump(mode="json")
     worker_cfg["bundle"] = str(base.bundle_path())
-    worker_cfg["queue"]["path"] = str(p["queue"])
+    worker_cfg["queue"]["path"] = str(settings.queue_path)
     worker_cfg["worker"]["audit_log"] = str(p["audit"])
     worker_cfg["orthanc"].update(url=settings.url, username=WORKER_USER, password_env=PASSWORD_ENV)
     for rule in worker_cfg.get("rules", []):
@@ -159,11 +161,13 @@ def write_configs(settings: OrthancSettings) -> dict[str, Any]:
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True,
         "RegisteredUsers": dict(creds["users"]),
-        "HttpDescribeErrors": True,
+        # No internal details (paths, SQL) in HTTP error answers.
+        "HttpDescribeErrors": False,
         "DicomServerEnabled": True,
         "DicomAet": settings.aet,
         "DicomPort": settings.dicom_port,
-        "DicomCheckCalledAet": False,
+        "DicomCheckCalledAet": True,
+        "StrictAetComparison": True,  # calling AE titles compared exactly (case included)
         "DicomAlwaysAllowEcho": False,
         "DicomAlwaysAllowStore": False,
         "DicomCheckModalityHost": True,
@@ -174,10 +178,13 @@ def write_configs(settings: OrthancSettings) -> dict[str, Any]:
         "ConcurrentJobs": 1,
         "Medxplain": {
             "ProjectRoot": str(PROJECT_ROOT),
-            "QueuePath": str(p["queue"]),
+            "QueuePath": str(settings.queue_path),
             "MaxAttempts": base.queue.max_attempts,
             "BackoffSeconds": base.queue.backoff_s,
             "BackoffMaxSeconds": base.queue.backoff_max_s,
+            "UnavailableDeadAfterSeconds": base.queue.unavailable_dead_after_s,
+            "ReconcileSeconds": settings.reconcile_s,
+            "WorkerUser": WORKER_USER,
             "StartWorker": settings.start_worker,
             "WorkerCommand": command,
             "WorkerEnv": {PASSWORD_ENV: creds["users"][WORKER_USER], "PYTHONUNBUFFERED": "1"},
@@ -331,6 +338,26 @@ def start(settings: OrthancSettings, *, timeout_s: float = 60.0, detach: bool = 
             raise OrthancError(f"Orthanc did not answer on {settings.url} within {timeout_s:.0f} s; "
                                f"last log lines:\n{_tail(p['log'])}")
         time.sleep(0.2)
+
+
+def plugin_problems(settings: OrthancSettings, since: float) -> list[str]:
+    """What keeps the plugin from recording studies, as seen through its REST route
+    right after start-up: disabled (C-STOREs refused), or a queue found emptied or
+    damaged at this start (recovered from Orthanc, but a person must know). Empty
+    when all is well."""
+    admin = credentials(settings.data)["users"][ADMIN_USER]
+    try:
+        status, body = request(settings.url + "/medxplain/jobs?limit=1", user=ADMIN_USER, password=admin)
+    except (OSError, urllib.error.URLError) as exc:
+        return [f"cannot ask the plugin ({exc})"]
+    try:
+        answer = json.loads(body or b"{}")
+    except ValueError:
+        answer = {}
+    if status != 200:
+        return [f"plugin not working (HTTP {status}): {answer.get('reason') or answer.get('error') or body[:200]!r}"]
+    return [f"job queue {i['kind']}: {i['detail']}" for i in answer.get("incidents", [])
+            if i.get("kind") in ("emptied", "damaged") and float(i.get("time", 0)) >= since - 1.0]
 
 
 def _stop_pid(pid: int, needle: bytes, timeout_s: float) -> str:

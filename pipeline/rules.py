@@ -6,7 +6,11 @@ The decision for one instance, in order:
 2. anything the reader would refuse (not an image, colour, multi-frame, CT/MR
    slice, odd header...) is skipped with the reader's reason code
    (``check_header``, the same rules ``read_radiograph`` applies);
-3. the first rule whose lists all match decides (empty list = any value;
+3. raw detector data (a "For Processing" SOP Class or Presentation Intent
+   Type) is skipped with ``for_processing`` unless a rule sets
+   ``for_processing: true``: it is not the image a radiologist sees, and a
+   classifier trained on presentation images says nothing reliable about it;
+4. the first rule whose lists all match decides (empty list = any value;
    Modality and SOP Class UID exact, BodyPartExamined and ViewPosition
    case-insensitive); no rule: ``no_rule_matches (modality CT)`` and the like.
 
@@ -23,11 +27,12 @@ from typing import Any
 from config.schema import MatchRule
 from dicom_io.errors import DicomInputError
 from dicom_io.output import is_medxplain_output
-from dicom_io.reader import check_header
+from dicom_io.reader import check_header, is_for_processing
 
-__all__ = ["MEDXPLAIN_OUTPUT", "NO_RULE", "eligibility", "match_rule", "series_exclusion"]
+__all__ = ["FOR_PROCESSING", "MEDXPLAIN_OUTPUT", "NO_RULE", "eligibility", "match_rule", "series_exclusion"]
 
 MEDXPLAIN_OUTPUT = "medxplain_output"
+FOR_PROCESSING = "for_processing"
 NO_RULE = "no_rule_matches"
 
 # Series-level verdicts use the reader's reason codes where the Modality alone
@@ -71,7 +76,10 @@ def _matches(allowed: Iterable[str], value: str | None, fold: bool) -> bool:
 
 
 def match_rule(header: Any, rules: Iterable[MatchRule]) -> MatchRule | None:
-    """The first rule whose modality, SOP class, body part and view lists all admit ``header``."""
+    """The first rule whose modality, SOP class, body part and view lists all admit ``header``
+    (for raw "For Processing" data: among the rules with ``for_processing: true``)."""
+    if is_for_processing(header):
+        rules = [rule for rule in rules if rule.for_processing]
     for rule in rules:
         if all(_matches(getattr(rule, field), _value(header, keyword), fold)
                for field, keyword, fold, _ in _CRITERIA):
@@ -96,8 +104,8 @@ def eligibility(ds: Any, rules: Iterable[MatchRule]) -> tuple[bool, str]:
 
     ``ds`` is a pydicom Dataset (pixel data not needed: it is checked at decoding).
     The reason of a refusal is a stable code: ``medxplain_output``, the reader's
-    reason (``not_an_image``, ``colour_image``, ``not_projection_radiograph``...)
-    or ``no_rule_matches (...)``.
+    reason (``not_an_image``, ``colour_image``, ``not_projection_radiograph``...),
+    ``for_processing`` or ``no_rule_matches (...)``.
     """
     rules = list(rules)
     if is_medxplain_output(ds):
@@ -106,6 +114,8 @@ def eligibility(ds: Any, rules: Iterable[MatchRule]) -> tuple[bool, str]:
         check_header(ds, require_pixel_data=False)
     except DicomInputError as exc:
         return False, exc.reason
+    if is_for_processing(ds) and not any(rule.for_processing for rule in rules):
+        return False, FOR_PROCESSING
     rule = match_rule(ds, rules)
     if rule is None:
         return False, _no_rule_reason(ds, rules)

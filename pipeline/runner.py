@@ -18,6 +18,7 @@ class FileOutcome:
     path: Path
     result: ImageResult | None = None
     error: str | None = None  # "reason: message" when the file failed or was skipped
+    skipped: str | None = None  # "reason: message" when the engine declined it (e.g. out_of_domain)
     written: list[Path] = field(default_factory=list)
     folder: Path | None = None
 
@@ -61,20 +62,30 @@ def explain_paths(engine: Engine, paths: list[Path], out: Path,
     outcomes: list[FileOutcome] = []
     pending: list[tuple[FileOutcome, SourceImage]] = []
 
-    def flush() -> None:
+    def run(batch: list[tuple[FileOutcome, SourceImage]]) -> list:
+        """Results of a batch; a failing batch is run image by image, so that one bad
+        image fails alone (with its reason) and the others are still explained."""
         try:
-            results = engine.run([source for _, source in pending])
-        except Exception as exc:  # one bad batch must not lose the rest of the run
-            for outcome, _ in pending:
-                outcome.error = f"explain_failed: {type(exc).__name__}: {exc}"
+            return engine.run([source for _, source in batch])
+        except Exception as exc:  # one bad image must not lose the rest of the run
+            if len(batch) > 1:
+                return [result for item in batch for result in run([item])]
+            reason = exc.reason if isinstance(exc, DicomInputError) else "explain_failed"
+            batch[0][0].error = f"{reason}: {type(exc).__name__}: {exc}"
+            return [None]
+
+    def flush() -> None:
+        for (outcome, _), result in zip(pending, run(pending)):
+            if result is None:
                 if on_file:
                     on_file(outcome)
-            pending.clear()
-            return
-        for (outcome, _), result in zip(pending, results):
+                continue
             outcome.result = result
-            outcome.folder = output_folder(out, result.source)
-            outcome.written = write_result(result, outcome.folder)
+            if result.skipped:  # not explained (e.g. out_of_domain): the reason, no outputs
+                outcome.skipped = result.skipped
+            else:
+                outcome.folder = output_folder(out, result.source)
+                outcome.written = write_result(result, outcome.folder)
             if on_file:
                 on_file(outcome)
         pending.clear()

@@ -23,13 +23,25 @@ Job payloads (``JobQueue.enqueue(key, payload)``):
   the folder lies inside ``dicom_node.spool``. A user's folder is never deleted
   unless asked.
 
-Failures: Orthanc unreachable or failing (5xx), a delivery that fails, any
-unexpected exception -> the job goes back to pending with back-off (dead after
-``queue.max_attempts``), its error recorded as ``Type: message``. A study Orthanc
-no longer has (404), a missing input folder, an unknown payload, a C-STORE peer
-that rejects us for good (``DeliveryError.transient`` False) -> dead at once with
-the reason. A job leased more than ``max_attempts`` times (its workers kept dying)
-is dead-lettered instead of crashing workers forever.
+Failures, by what retrying can do about them (:func:`_classify`):
+
+- *peer unavailable*: Orthanc or the C-STORE destination cannot be reached, is
+  overloaded or full (HTTP 502/503/504/507, connection refused or reset, an
+  association that fails, a 0xA7xx status), or refuses our credentials (401/403:
+  a configuration to fix). The job is deferred (``JobQueue.defer``): pending
+  again, no attempt spent; the worker pauses (``queue.backoff_s`` doubling to
+  ``queue.outage_retry_max_s``) and then tries one job; the first job that
+  succeeds wakes every deferred job. Dead only after
+  ``queue.unavailable_dead_after_s`` (default a week) of outage.
+- *permanent*: a study Orthanc no longer has (404), any other 4xx, a missing
+  input folder, an unknown payload, a C-STORE peer that rejects us for good
+  (``DeliveryError.transient`` False) -> dead at once with the reason.
+- anything else (5xx, a delivery folder that cannot be written, an unexpected
+  exception): back to pending with back-off, dead after ``queue.max_attempts``,
+  its error recorded as ``Type: message``.
+
+A job leased more than ``max_attempts`` times (its workers kept dying) is
+dead-lettered instead of crashing workers forever.
 
 The lease is renewed by a heartbeat thread while a job runs. A stop request
 (SIGTERM/SIGINT, ``stop_event``) is honoured between instances and after each
@@ -46,13 +58,10 @@ Logs and audit lines carry no patient data: Orthanc ids, job ids and hashed UIDs
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -67,8 +76,8 @@ from config.schema import CStoreDestination, MatchRule, MedxplainConfig, resolve
 from dicom_io.errors import DicomInputError, UnreadableFileError
 from dicom_io.reader import read_radiograph
 from pipeline.audit import AuditLog, JobAudit, Redactor, hash_text
-from pipeline.jobqueue import Job, JobQueue
-from pipeline.orthanc_client import OrthancClient, OrthancRequestError
+from pipeline.jobqueue import Job, JobQueue, make_owner
+from pipeline.orthanc_client import OrthancClient, OrthancRequestError, OrthancUnavailable
 from pipeline.rules import eligibility, match_rule, series_exclusion
 
 if TYPE_CHECKING:  # torch is imported when the first engine is built, not before
@@ -107,15 +116,19 @@ class _LeaseLost(Exception):
     """Another worker took the job over (our lease expired): stop touching it."""
 
 
-def open_queue(config: MedxplainConfig, path: str | Path | None = None) -> JobQueue:
-    """The job queue of ``config`` (``queue.path``, relative to the project root), or ``path``."""
+def open_queue(config: MedxplainConfig, path: str | Path | None = None, *,
+               clock: Callable[[], float] = time.time, recover: bool = False) -> JobQueue:
+    """The job queue of ``config`` (``queue.path``, relative to the project root), or ``path``.
+    Raises ``pipeline.jobqueue.QueueDamaged`` for an emptied or damaged file unless ``recover``."""
     q = config.queue
     return JobQueue(Path(path) if path else resolve(q.path), max_attempts=q.max_attempts,
-                    backoff_s=q.backoff_s, backoff_max_s=q.backoff_max_s)
+                    backoff_s=q.backoff_s, backoff_max_s=q.backoff_max_s,
+                    unavailable_dead_after_s=q.unavailable_dead_after_s, clock=clock, recover=recover)
 
 
 def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """host:pid:random:boot:start: the queue can tell when this process is gone."""
+    return make_owner()
 
 
 # --------------------------------------------------------------------------- delivery
@@ -270,6 +283,7 @@ class Worker:
         self.stop_event = threading.Event()
         self._engines: dict[tuple[str, tuple[str, ...]], "Engine"] = {}
         self._orthanc = orthanc
+        self.outage_pause_s = 0.0  # > 0 while a peer is unavailable: how long to pause before the next job
 
     # -- models ----------------------------------------------------------------
     def profile(self, rule: MatchRule | None) -> tuple[MedxplainConfig, tuple[str, tuple[str, ...]]]:
@@ -316,6 +330,10 @@ class Worker:
         logger.info("worker %s polling %s every %.2f s", self.owner, self.queue.path.name, poll)
         while not self.stop_event.is_set():
             try:
+                if self.outage_pause_s:
+                    # A peer is unavailable: wait, then try one job (its failure spends no attempt).
+                    if self.stop_event.wait(self.outage_pause_s):
+                        break
                 job = self.queue.lease(self.owner, self.config.queue.lease_s)
                 if job is None:
                     self.stop_event.wait(poll)
@@ -378,7 +396,16 @@ class Worker:
             logger.error("%s: failed permanently: %s", tag, error)
         except Exception as exc:  # noqa: BLE001  recorded on the job and retried, never swallowed
             error = state.redactor.scrub(f"{type(exc).__name__}: {exc}")
-            outcome = self.queue.fail(job.id, self.owner, error, retry=_retryable(exc)) or "lease_lost"
+            kind_of_failure = _classify(exc)
+            if kind_of_failure == "unavailable":
+                q = self.config.queue
+                self.outage_pause_s = min(q.outage_retry_max_s, max(q.backoff_s, self.outage_pause_s * 2))
+                outcome = self.queue.defer(job.id, self.owner, error, delay_s=self.outage_pause_s) or "lease_lost"
+                if outcome == "pending":
+                    error = f"deferred (peer unavailable, no attempt spent; pausing {self.outage_pause_s:g} s): {error}"
+            else:
+                outcome = self.queue.fail(job.id, self.owner, error,
+                                          retry=kind_of_failure == "retry") or "lease_lost"
             # The traceback's frames, not its message: that may quote a UID (the message is scrubbed).
             where = "" if _expected(exc) else "\n" + "".join(traceback.format_tb(exc.__traceback__)).rstrip()
             log = logger.warning if outcome == "pending" else logger.error
@@ -389,6 +416,10 @@ class Worker:
             raise
         else:
             outcome = "done" if self.queue.complete(job.id, self.owner, state.audit.summary()) else "lease_lost"
+            if outcome == "done" and self.outage_pause_s:
+                self.outage_pause_s = 0.0
+                woken = self.queue.wake_deferred()
+                logger.info("%s: peers answer again; %d deferred job(s) resume now", tag, woken)
             if outcome == "done" and cleanup is not None:
                 cleanup()
             a = state.audit
@@ -576,6 +607,8 @@ class Worker:
                 continue
             state.redactor.add_dataset(source.dataset)
             audit.seen += 1
+            for note in source.warnings:  # the reader's decisions on doubtful headers, by code
+                audit.warnings[note.split(":", 1)[0]] += 1
             audit.profiles[f"{engine.bundle.spec.name}:{'+'.join(engine.config.explainers)}"] += 1
             _, key = self.profile(rule)
             batch = state.pending.setdefault(key, [])
@@ -593,6 +626,11 @@ class Worker:
     def _flush(self, state: _JobState, key: tuple, engine: "Engine") -> None:
         sources = state.pending.pop(key)
         results = self._explain(state, engine, sources)
+        for result in results:
+            if result.skipped:  # e.g. out_of_domain: the typed reason goes to the audit, nothing is written
+                state.audit.skipped[result.skipped.split(":", 1)[0]] += 1
+                logger.info("job %s: an image was not explained: %s", state.job.id[:8], result.skipped)
+        results = [r for r in results if not r.skipped]
         for delivery in state.deliveries:  # the one that tells "already done" comes last
             state.audit.stored[delivery.name] += delivery.deliver(results)
         state.audit.explained += len(results)
@@ -600,16 +638,24 @@ class Worker:
 
     def _explain(self, state: _JobState, engine: "Engine", sources: list["SourceImage"]) -> list["ImageResult"]:
         """Run a batch; if it fails, run its images one by one so that one bad image
-        does not hold back the others (its error fails the job afterwards: retried)."""
+        does not hold back the others. An image that fails deterministically (a typed
+        refusal, a writer error: the same input fails the same way) is recorded for
+        that image and the job goes on; any other error fails the job afterwards
+        (retried with back-off)."""
         try:
             return engine.run(sources)
         except Exception as exc:
             if len(sources) == 1:
                 label = hash_text(sources[0].sop_instance_uid)
+                reason = deterministic_failure(exc)
                 message = state.redactor.scrub(f"explain_failed ({label}): {type(exc).__name__}: {exc}")
-                state.errors.append(message)
-                state.audit.failed += 1
-                logger.error("job %s: %s", state.job.id[:8], message)
+                if reason is None:
+                    state.errors.append(message)
+                    state.audit.failed += 1
+                else:
+                    state.audit.fail(label, reason)
+                logger.error("job %s: %s%s", state.job.id[:8], message,
+                             "" if reason is None else f" (deterministic, {reason}: not retried)")
                 return []
             logger.warning("job %s: a batch of %d failed (%s); running its images one by one",
                            state.job.id[:8], len(sources), type(exc).__name__)
@@ -619,10 +665,47 @@ class Worker:
         return results
 
 
-def _retryable(exc: BaseException) -> bool:
-    """Everything is retried with back-off, except a C-STORE failure that
-    ``dicom_io.network`` marks as not transient (e.g. the peer rejects our AE title)."""
-    return not (type(exc).__name__ == "DeliveryError" and getattr(exc, "transient", True) is False)
+# HTTP statuses that say "not now" rather than "not this": the job waits for the peer.
+_UNAVAILABLE_HTTP = {401, 403, 408, 429, 502, 503, 504, 507}
+
+
+def _classify(exc: BaseException) -> str:
+    """What a job failure calls for: ``"unavailable"`` (defer, spend no attempt),
+    ``"permanent"`` (dead at once) or ``"retry"`` (back-off, counted attempts).
+    See the module docstring."""
+    from pipeline.orthanc_client import OrthancConfigError
+
+    if isinstance(exc, OrthancConfigError):
+        return "unavailable"  # e.g. the password variable unset: nothing is wrong with the job
+    if isinstance(exc, (OrthancUnavailable, OrthancRequestError)):
+        if exc.status is None:
+            return "unavailable" if isinstance(exc, OrthancUnavailable) else "permanent"
+        if exc.status in _UNAVAILABLE_HTTP:
+            return "unavailable"
+        return "permanent" if 400 <= exc.status < 500 else "retry"
+    if type(exc).__name__ == "DeliveryError":
+        if getattr(exc, "transient", True) is False:
+            return "permanent"
+        status = getattr(exc, "status", None)
+        return "unavailable" if status is None or 0xA700 <= status <= 0xA7FF else "retry"
+    return "retry"
+
+
+def deterministic_failure(exc: BaseException) -> str | None:
+    """The stable reason code of a per-image failure that a retry would repeat, else None.
+
+    Typed refusals (``DicomInputError``) give their own code; errors of the data
+    (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError),
+    which the writers raise for values they cannot write, give
+    ``explain_failed:<type>``. Environment errors (memory, device, I/O) may pass:
+    None, the job is retried.
+    """
+    if isinstance(exc, DicomInputError):
+        return exc.reason
+    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError)) \
+            and not isinstance(exc, (OSError, MemoryError)):
+        return f"explain_failed:{type(exc).__name__}"
+    return None
 
 
 def _expected(exc: BaseException) -> bool:

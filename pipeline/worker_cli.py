@@ -33,10 +33,22 @@ def _config(path: Path | None):
         raise typer.Exit(2)
 
 
-def _queue(config_path: Path | None, queue_path: Path | None):
+def _open(cfg, queue_path: Path | None):
+    """The queue, or a clear message and exit status 2 when its file is emptied or damaged
+    (its owner, the Orthanc plugin or the DICOM node, recovers it at start-up)."""
+    from pipeline.jobqueue import QueueDamaged
     from pipeline.worker import open_queue
 
-    return open_queue(_config(config_path), queue_path)
+    try:
+        return open_queue(cfg, queue_path)
+    except QueueDamaged as exc:
+        console.print(f"[red]{exc}[/]\nRestart its owner (`medxplain orthanc` or `medxplain serve-dicom`): it moves "
+                      f"the file aside and rebuilds the queue from Orthanc or the spool.")
+        raise typer.Exit(2)
+
+
+def _queue(config_path: Path | None, queue_path: Path | None):
+    return _open(_config(config_path), queue_path)
 
 
 def _age(seconds: float) -> str:
@@ -74,11 +86,11 @@ def worker_command(
     import os
     import threading
 
-    from pipeline.worker import Worker, install_signal_handlers, open_queue
+    from pipeline.worker import Worker, install_signal_handlers
 
     _setup_logging(verbose)
     cfg = _config(config)
-    job_queue = open_queue(cfg, queue)
+    job_queue = _open(cfg, queue)
     worker = Worker(cfg, job_queue, owner)
     stop = threading.Event()
     install_signal_handlers(stop)

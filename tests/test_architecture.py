@@ -52,6 +52,7 @@ def test_the_plugin_import_closure_is_the_standard_library(tmp_path):
         def LogInfo(message): pass
         def _register(*args): pass
         RegisterOnStoredInstanceCallback = RegisterOnChangeCallback = RegisterRestCallback = _register
+        RegisterIncomingHttpRequestFilter = RegisterIncomingCStoreInstanceFilter = _register
     """))
     code = textwrap.dedent(f"""
         import json, sys
@@ -70,3 +71,13 @@ def test_the_plugin_import_closure_is_the_standard_library(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["errors"] == [], report["errors"]
     assert report["foreign"] == [], f"the plugin's import closure loads non-stdlib modules: {report['foreign']}"
+
+
+def test_the_registry_is_complete_without_the_pipeline():
+    """explainers/ fills its own registry: no side-effect import elsewhere is needed."""
+    code = ("import sys\nfrom explainers.base import available\n"
+            "assert {'gradcam', 'ig', 'occlusion', 'sagen', 'exaggeration', 'gvr', 'cia', 'medxgan', 'medxgan_ig'}"
+            " <= set(available()), available()\n"
+            "assert not any(m.startswith('pipeline') for m in sys.modules)\n")
+    done = _run(sys.executable, "-c", code)
+    assert done.returncode == 0, done.stderr

@@ -19,7 +19,9 @@ import torch
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.cia import CiaExplainer, Inpainter, hole_l1, probe_masks, random_masks, total_variation
-from explainers.train_cia import CiaTrainingConfig, evaluate_cia, evaluate_inpainters, train_cia
+from explainers.train_cia import CiaTrainer, CiaTrainingConfig, evaluate_inpainters
+from explainers.training import fit
+from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     BOX, DEMO_BUNDLE, SIZE, TINY, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images,
@@ -41,14 +43,14 @@ class ConstantFill(Inpainter):
 
 def tiny_inpainters(seed: int = 0, size: int | None = 64) -> dict[str, Inpainter]:
     torch.manual_seed(seed)
-    return {"fill_normal": Inpainter(features=TINY, size=size), "fill_pneumonia": Inpainter(features=TINY, size=size)}
+    return {"fill_negative": Inpainter(features=TINY, size=size), "fill_positive": Inpainter(features=TINY, size=size)}
 
 
 def box_explainer(**kw) -> CiaExplainer:
     # Normal tissue is the dark background (0.3), pneumonia the bright blob (0.9).
     settings = {"search_steps": 80, "learning_rate": 0.2, "mask_size": 8, "margin": 1.0, "area_weight": 1.0,
                 "tv_weight": 0.2, "threshold": 0.5, **kw}
-    return CiaExplainer(fill_normal=ConstantFill(0.3), fill_pneumonia=ConstantFill(0.9), **settings)
+    return CiaExplainer(fill_negative=ConstantFill(0.3), fill_positive=ConstantFill(0.9), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def demo_classifier():
 
 def test_inpainter_changes_only_the_masked_region():
     x = torch.rand(3, 1, 128, 128)
-    network = tiny_inpainters()["fill_normal"].eval()
+    network = tiny_inpainters()["fill_negative"].eval()
     with torch.no_grad():
         assert torch.equal(network(x, torch.zeros(3, 1, 128, 128)), x)  # no mask: the patient's pixels untouched
         masks = torch.zeros(3, 1, 128, 128)
@@ -103,7 +105,7 @@ def test_the_search_finds_the_box_and_flips_both_directions():
     # Every case moves towards the other class and crosses the threshold by the margin.
     assert bool((logit_cf[positive] <= -1.0 + 1e-4).all()) and bool((logit_cf[~positive] >= 1.0 - 1e-4).all())
     assert all(c["flipped"] and c["goal_reached"] for c in e.checks)
-    assert [c["fill"] for c in e.checks] == ["normal" if p else "pneumonia" for p in positive.tolist()]
+    assert [c["fill"] for c in e.checks] == ["negative" if p else "positive" for p in positive.tolist()]
     # The saliency (the mask) lies on the box: its mean inside is several times the mean outside.
     inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     inside[BOX[0]:BOX[1], BOX[2]:BOX[3]] = True
@@ -158,10 +160,10 @@ def test_the_area_term_keeps_the_mask_small():
 def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_classifier):
     images = real_images(kermany_dir, 6)
     networks = tiny_inpainters()
-    explainer = CiaExplainer(fill_normal=networks["fill_normal"], fill_pneumonia=networks["fill_pneumonia"],
+    explainer = CiaExplainer(fill_negative=networks["fill_negative"], fill_positive=networks["fill_positive"],
                              steps=2, search_steps=4, threshold=0.808)
     batch = explainer.explain(images, demo_classifier)
-    assert {c["fill"] for c in batch.checks} == {"normal", "pneumonia"}  # both inpainters in one batch
+    assert {c["fill"] for c in batch.checks} == {"negative", "positive"}  # both inpainters in one batch
     assert batch.counterfactuals.shape == (6, 2, 1, 128, 128)
     for i in (0, 4):
         alone = explainer.explain(images[i:i + 1], demo_classifier)
@@ -173,6 +175,10 @@ def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_class
 
 
 # -- training ------------------------------------------------------------------------
+
+def train_cia(networks, train, train_labels, val, val_labels, config, directory):
+    return fit(CiaTrainer(config, networks, train, train_labels, val, val_labels), directory)
+
 
 def _tiny_config(epochs: int, **kw) -> CiaTrainingConfig:
     return CiaTrainingConfig(epochs=epochs, batch_size=8, learning_rate=3e-3, translate=1.0, rotate=0.05,
@@ -191,8 +197,8 @@ def test_tiny_inpainters_learn_to_fill_their_own_class(tmp_path):
     masks = torch.zeros(1, 1, SIZE, SIZE)
     masks[:, :, BOX[0]:BOX[1], BOX[2]:BOX[3]] = 1.0
     with torch.no_grad():
-        healthy = networks["fill_normal"](val[1:2], masks)  # val[1] has the blob
-        diseased = networks["fill_pneumonia"](val[0:1], masks)  # val[0] has none
+        healthy = networks["fill_negative"](val[1:2], masks)  # val[1] has the blob
+        diseased = networks["fill_positive"](val[0:1], masks)  # val[0] has none
     box = (slice(None), slice(None), slice(BOX[0], BOX[1]), slice(BOX[2], BOX[3]))
     assert float(healthy[box].mean()) < float(val[1:2][box].mean()) - 0.2
     assert float(diseased[box].mean()) > float(val[0:1][box].mean()) + 0.2
@@ -215,7 +221,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     train_cia(straight, train, train_labels, val, val_labels, _tiny_config(2), tmp_path / "b")
     last_a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     last_b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
-    for part in ("fill_normal", "fill_pneumonia"):
+    for part in ("fill_negative", "fill_positive"):
         assert all(torch.equal(last_a[part][k], last_b[part][k]) for k in last_a[part])  # resume == uninterrupted
 
     with pytest.raises(ValueError, match="different setup"):
@@ -227,7 +233,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
 
 def test_evaluation_counts_both_called_classes():
     images, _ = box_images(6, seed=9)
-    metrics = evaluate_cia(box_explainer(search_steps=40), BoxClassifier(), images, batch_size=4)
+    metrics = evaluate_explainer(box_explainer(search_steps=40), BoxClassifier(), images, batch_size=4)
     assert metrics["n"] == 6 and metrics["flip_rate"] == 1.0
     assert metrics["flip_rate_called_positive"] == 1.0 and metrics["flip_rate_called_negative"] == 1.0
     assert 0 < metrics["proximity_l1"] < 0.2 and 0 < metrics["proximity_ssim"] <= 1
@@ -247,7 +253,7 @@ def test_bad_settings_are_refused():
     networks = tiny_inpainters()
     for bad in ({"steps": 0}, {"mask_size": 1}, {"initial_mask": 1.0}, {"margin": -1.0}, {"search_steps": -1}):
         with pytest.raises(ValueError):
-            CiaExplainer(fill_normal=networks["fill_normal"], fill_pneumonia=networks["fill_pneumonia"], **bad)
+            CiaExplainer(fill_negative=networks["fill_negative"], fill_positive=networks["fill_positive"], **bad)
 
 
 @pytest.mark.slow
@@ -260,19 +266,19 @@ def test_train_cia_command_adds_a_working_explainer_to_a_bundle(tmp_path, kerman
          "--width", "8", "--search-steps", "5"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    assert "cia_fill_normal.safetensors" in done.stdout and "cia_fill_pneumonia.safetensors" in done.stdout
+    assert "cia_fill_negative.safetensors" in done.stdout and "cia_fill_positive.safetensors" in done.stdout
     assert (DEMO_BUNDLE / "bundle.yaml").read_text() == original  # the repository's bundle is untouched
 
     bundle = Bundle.load(bundle_dir)  # verifies every pinned hash, the new weights included
     spec = bundle.spec.explainers["cia"]
-    assert set(spec.weights) == {"fill_normal", "fill_pneumonia"}
+    assert set(spec.weights) == {"fill_negative", "fill_positive"}
     assert spec.parameters["network"]["size"] == 32 and spec.parameters["search_steps"] == 5
     test = spec.training["test"]
     assert spec.training["data"]["splits"]["train"] == 32 and test["n"] == 16
     assert {"flip_rate", "flip_rate_called_positive", "flip_rate_called_negative", "proximity_l1",
             "proximity_ssim", "steps_used", "inpainting_l1", "ms_per_image"} <= set(test)
     rows = list(csv.DictReader(open(bundle_dir / "cia_training_log.csv")))
-    assert len(rows) == 1 and "val_fill_normal_hole_l1" in rows[0]
+    assert len(rows) == 1 and "val_fill_negative_hole_l1" in rows[0]
     assert (bundle_dir / ".checkpoints" / "cia" / "last.ckpt").is_file()
 
     explainer = explainer_class("cia").from_bundle(bundle, steps=3, search_steps=3)

@@ -26,6 +26,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from dicom_io.network import DeliveryError, cstore
 from pipeline.dicom_node import DicomNode
 from pipeline.jobqueue import JobQueue
+from tests.clock import FakeClock
 
 OUR_AE = "MEDXPLAIN"
 PEER_AE = "ALLOWED"
@@ -54,11 +55,13 @@ def _free_port() -> int:
 
 @pytest.fixture
 def make_node(tmp_path):
+    """Nodes on a fake clock: a study is quiet only when the test says so (:func:`_quiet`)."""
     nodes: list[DicomNode] = []
 
     def make(allowed=(PEER_AE,), quiet_s=QUIET_S, start=True) -> DicomNode:
         node = DicomNode(ae_title=OUR_AE, host="127.0.0.1", port=0, allowed_calling_ae_titles=list(allowed),
-                         quiet_s=quiet_s, spool=tmp_path / "spool", queue=JobQueue(tmp_path / "queue.db"))
+                         quiet_s=quiet_s, spool=tmp_path / "spool", queue=JobQueue(tmp_path / "queue.db"),
+                         clock=FakeClock())
         nodes.append(node)
         if start:
             node.start()
@@ -108,6 +111,12 @@ def _variant(ds: pydicom.Dataset, **changes) -> pydicom.Dataset:
     return out
 
 
+def _quiet(node: DicomNode) -> None:
+    """Let the quiet period pass on the node's fake clock and run one grouping pass."""
+    node.clock.advance(node.quiet_s * 1.01)  # past it (1e6 + 0.6 - 1e6 < 0.6 in floating point)
+    node.tick()
+
+
 def _node_jobs(node: DicomNode):
     return [j for j in node.queue.list(limit=-1) if j.key.startswith("node:")]
 
@@ -127,9 +136,12 @@ def test_pynetdicom_sends_are_spooled_exactly_and_grouped_into_one_job_per_study
 
     _, statuses = _send(node.port, [cr, jpeg, jpeg_2, ours])
     assert statuses == [0x0000] * 4
+    node.tick()
     assert _node_jobs(node) == []  # still inside the quiet period
 
-    jobs = _wait_for(lambda: len(_node_jobs(node)) == 2 and _node_jobs(node))
+    _quiet(node)
+    jobs = _node_jobs(node)
+    assert len(jobs) == 2
     by_key = {j.key: j for j in jobs}
     for ds, count in ((cr, 1), (jpeg, 2)):
         study = _h(ds.StudyInstanceUID)
@@ -150,7 +162,8 @@ def test_pynetdicom_sends_are_spooled_exactly_and_grouped_into_one_job_per_study
     late = _variant(jpeg)
     assert _send(node.port, [late])[1] == [0x0000]
     folder = node.spool / _h(jpeg.StudyInstanceUID)
-    _wait_for(lambda: not node._pending)
+    _quiet(node)
+    assert not node._pending
     assert len(list(folder.glob("*.dcm"))) == 3
     assert sorted(j.id for j in _node_jobs(node)) == sorted(j.id for j in jobs)
 
@@ -159,7 +172,9 @@ def test_storescu_sends_are_spooled_and_queued(make_node, cr_16bit, cr_jpeg):
     node = make_node()
     result = _storescu(node.port, cr_16bit, cr_jpeg)
     assert result.returncode == 0, result.stderr
-    jobs = _wait_for(lambda: len(_node_jobs(node)) == 2 and _node_jobs(node))
+    _quiet(node)
+    jobs = _node_jobs(node)
+    assert len(jobs) == 2
     for path in (cr_16bit, cr_jpeg):
         original = pydicom.dcmread(path)
         study = _h(original.StudyInstanceUID)
@@ -175,7 +190,7 @@ def test_unknown_calling_ae_is_rejected_and_nothing_is_spooled(make_node, cr_jpe
     assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x03)
     result = _storescu(node.port, cr_jpeg, calling="STRANGER")
     assert result.returncode != 0 and "Calling AE Title Not Recognized" in result.stderr
-    time.sleep(QUIET_S + 0.3)
+    _quiet(node)
     assert _spool_files(node) == [] and _node_jobs(node) == []
 
 
@@ -197,7 +212,7 @@ def test_instance_that_cannot_be_written_gets_a_failure_status(make_node, cr_jpe
     node.spool.write_text("not a folder")  # every write now fails, even as root
     _, statuses = _send(node.port, [pydicom.dcmread(cr_jpeg)])
     assert statuses == [0xA700]
-    time.sleep(QUIET_S + 0.3)
+    _quiet(node)
     assert _node_jobs(node) == [] and node.failed_writes == 1
 
 
@@ -369,3 +384,11 @@ def test_serve_dicom_command_runs_until_interrupted(tmp_path, cr_jpeg):
     assert "stopped" in output
     patient = str(pydicom.dcmread(cr_jpeg, stop_before_pixels=True).PatientName)
     assert patient not in output
+
+
+def test_spool_is_private(make_node, cr_jpeg):
+    node = make_node()
+    assert _send(node.port, [pydicom.dcmread(cr_jpeg)])[1] == [0x0000]
+    (spooled,) = _spool_files(node)
+    assert spooled.stat().st_mode & 0o777 == 0o600
+    assert spooled.parent.stat().st_mode & 0o777 == 0o700 and node.spool.stat().st_mode & 0o777 == 0o700

@@ -24,12 +24,9 @@ from explainers.exaggeration import (
     bin_of,
     sweep_targets,
 )
-from explainers.train_exaggeration import (
-    ExaggerationLossWeights,
-    ExaggerationTrainingConfig,
-    evaluate_exaggeration,
-    train_exaggeration,
-)
+from explainers.train_exaggeration import ExaggerationLossWeights, ExaggerationTrainer, ExaggerationTrainingConfig
+from explainers.training import fit
+from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     DEMO_BUNDLE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
@@ -125,6 +122,10 @@ def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_class
 
 # -- training ----------------------------------------------------------------------
 
+def train_exaggeration(generator, classifier, train, val, config, directory):
+    return fit(ExaggerationTrainer(config, generator, classifier, train, val), directory)
+
+
 def _tiny_config(epochs: int) -> ExaggerationTrainingConfig:
     return ExaggerationTrainingConfig(epochs=epochs, batch_size=8, learning_rate=3e-3,
                                       discriminator_learning_rate=1e-3, threshold=0.5, translate=1.0, rotate=0.05,
@@ -137,7 +138,7 @@ def test_a_tiny_generator_learns_to_follow_the_requested_posterior(tmp_path):
     val, _ = box_images(32, seed=1)
     classifier = BoxClassifier()
     generator = ConditionalGenerator(widths=TINY, bins=10)
-    before = evaluate_exaggeration(generator, classifier, val, 0.5)
+    before = evaluate_explainer(ExaggerationExplainer(generator=generator, threshold=0.5), classifier, val)
     assert before["flip_rate"] == 0.0  # identity at the start
     result = train_exaggeration(generator, classifier, train, val, _tiny_config(6), tmp_path / "ckpt")  # 48 steps
     with torch.no_grad():
@@ -244,6 +245,7 @@ def test_explain_writes_the_path_as_valid_dicom(tmp_path, shared_dicom_files):
     bundle = Bundle.load(bundle_copy(tmp_path))
     generator = randomised(ConditionalGenerator(widths=TINY, size=64))
     bundle.spec.explainers["exaggeration"] = ExplainerSpec(
+        classifier_sha256=bundle.spec.classifier.weights.sha256,
         parameters={"network": generator.config(), "steps": 4},
         weights={"generator": save_weights(generator, bundle.root / "exaggeration_generator.safetensors")})
     bundle.save_spec()

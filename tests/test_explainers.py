@@ -20,7 +20,6 @@ import torch
 from monai.networks.nets import DenseNet
 from torch import nn
 
-import explainers.baselines  # noqa: F401  (registers the baselines)
 from explainers.base import (
     Explainer,
     Explanation,

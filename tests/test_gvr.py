@@ -20,7 +20,9 @@ import torch
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.gvr import GvrAutoEncoder, GvrExplainer
-from explainers.train_gvr import GvrTrainingConfig, evaluate_gvr, evaluate_reconstruction, train_gvr
+from explainers.train_gvr import GvrTrainer, GvrTrainingConfig, evaluate_reconstruction
+from explainers.training import fit
+from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     BOX, DEMO_BUNDLE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
@@ -32,6 +34,10 @@ TINY_WIDTHS = (8, 16, 16)
 def tiny_autoencoder(size: int | None = None, seed: int = 0) -> GvrAutoEncoder:
     torch.manual_seed(seed)
     return GvrAutoEncoder(widths=TINY_WIDTHS, latent_channels=4, size=size)
+
+
+def train_gvr(autoencoder, train, val, config, directory):
+    return fit(GvrTrainer(config, autoencoder, train, val), directory)
 
 
 def _config(epochs: int, **kw) -> GvrTrainingConfig:
@@ -188,7 +194,7 @@ def test_evaluation_summarises_the_checks(box_autoencoder):
     images, _ = box_images(8, seed=4)
     explainer = GvrExplainer(autoencoder=autoencoder, steps=1, search_steps=30, learning_rate=0.2,
                              similarity_weight=0.5, threshold=0.5)
-    metrics = evaluate_gvr(explainer, BoxClassifier(), images, batch_size=3)
+    metrics = evaluate_explainer(explainer, BoxClassifier(), images, batch_size=3)
     e = explainer.explain(images, BoxClassifier())
     assert metrics["n"] == 8 and metrics["ms_per_image"] > 0
     assert metrics["flip_rate"] == pytest.approx(sum(c["flipped"] for c in e.checks) / 8)

@@ -1,12 +1,17 @@
-"""The durable SQLite queue: states, leases, retries, dead letters, concurrency."""
+"""The durable SQLite queue: states, leases, retries, dead letters, concurrency,
+outages, dead owners and a damaged file. Time is a fake clock (no sleeps)."""
 from __future__ import annotations
 
 import multiprocessing
-import time
+import signal
+import stat
+import subprocess
+import sys
 
 import pytest
 
-from pipeline.jobqueue import JobQueue
+from pipeline.jobqueue import JobQueue, QueueDamaged, inspect_queue, make_owner, owner_alive
+from tests.clock import FakeClock
 
 
 def test_enqueue_lease_complete(tmp_path):
@@ -36,13 +41,17 @@ def test_same_key_merges_while_open_and_refire_requeues_after_completion(tmp_pat
 
 
 def test_failure_backs_off_then_dead_letters(tmp_path):
-    q = JobQueue(tmp_path / "q.db", max_attempts=3, backoff_s=0.2)
+    clock = FakeClock()
+    q = JobQueue(tmp_path / "q.db", max_attempts=3, backoff_s=10, clock=clock)
     job_id, _ = q.enqueue("k")
     assert q.fail(q.lease("w").id, "w", "boom 1") == "pending"
+    clock.advance(9.9)
     assert q.lease("w") is None  # backing off
-    time.sleep(0.25)
+    clock.advance(0.1)
     assert q.fail(q.lease("w").id, "w", "boom 2") == "pending"
-    time.sleep(0.45)  # second back-off is twice the first
+    clock.advance(19.9)  # second back-off is twice the first
+    assert q.lease("w") is None
+    clock.advance(0.1)
     assert q.fail(q.lease("w").id, "w", "boom 3") == "dead"
     job = q.get(job_id)
     assert job.state == "dead" and job.last_error == "boom 3" and job.attempts == 3
@@ -56,10 +65,13 @@ def test_non_retryable_failure_goes_straight_to_dead(tmp_path):
 
 
 def test_expired_lease_is_taken_again_and_stale_owner_cannot_complete(tmp_path):
-    q = JobQueue(tmp_path / "q.db")
+    clock = FakeClock()
+    q = JobQueue(tmp_path / "q.db", clock=clock)
     job_id, _ = q.enqueue("k")
-    q.lease("crashed-worker", lease_s=0.1)
-    time.sleep(0.15)
+    q.lease("crashed-worker", lease_s=300)
+    clock.advance(299)
+    assert q.lease("w2", lease_s=60) is None  # the lease still holds
+    clock.advance(2)
     job = q.lease("w2", lease_s=60)
     assert job.id == job_id and job.attempts == 2 and job.lease_owner == "w2"
     assert not q.complete(job_id, "crashed-worker")
@@ -121,3 +133,118 @@ def test_release_gives_the_job_back_without_counting_an_attempt(tmp_path):
     assert q.release(job_id, "w")
     job = q.lease("w2")
     assert job.id == job_id and job.attempts == 1
+
+
+# ------------------------------------------------------------------ peer outages
+
+
+def test_an_outage_defers_without_spending_attempts_then_dead_letters_after_the_long_limit(tmp_path):
+    clock = FakeClock()
+    q = JobQueue(tmp_path / "q.db", max_attempts=2, unavailable_dead_after_s=3600, clock=clock)
+    job_id, _ = q.enqueue("k")
+    for _ in range(10):  # far more outages than max_attempts
+        job = q.lease("w")
+        assert job.attempts == 1
+        assert q.defer(job.id, "w", "Orthanc unreachable", delay_s=60) == "pending"
+        assert q.lease("w") is None  # paused
+        clock.advance(60)
+    job = q.get(job_id)
+    assert job.attempts == 0 and job.unavailable_since == 1_000_000.0 and job.last_error == "Orthanc unreachable"
+    clock.advance(3000)
+    assert q.defer(q.lease("w").id, "w", "still unreachable", delay_s=60) == "dead"
+    assert q.get(job_id).last_error.startswith("peer unavailable for 3600 s")
+
+
+def test_a_success_ends_the_outage_and_wakes_every_deferred_job(tmp_path):
+    clock = FakeClock()
+    q = JobQueue(tmp_path / "q.db", unavailable_dead_after_s=100, clock=clock)
+    ids = [q.enqueue(f"k{i}")[0] for i in range(3)]
+    for _ in ids:
+        q.defer(q.lease("w").id, "w", "down", delay_s=600)
+    assert q.lease("w") is None
+    assert q.wake_deferred() == 3
+    first = q.lease("w")
+    assert q.complete(first.id, "w") and q.get(first.id).unavailable_since is None
+    clock.advance(200)  # a later outage starts its own count
+    second = q.lease("w")
+    assert q.defer(second.id, "w", "down again", delay_s=1) == "dead"  # it was unavailable since t0
+    third = q.lease("w")
+    assert q.fail(third.id, "w", "a real error") == "pending" and q.get(third.id).unavailable_since is None
+
+
+# ------------------------------------------------------------------ dead owners
+
+
+def test_a_dead_owners_lease_is_released_at_once(tmp_path):
+    clock = FakeClock()
+    q = JobQueue(tmp_path / "q.db", clock=clock)
+    job_id, _ = q.enqueue("k")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        owner = make_owner(child.pid)
+        assert owner_alive(owner) is True and owner_alive(make_owner()) is True
+        assert q.lease(owner, lease_s=300).id == job_id
+        assert q.lease("w2") is None  # its owner runs: the lease holds
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert owner_alive(owner) is False
+    assert owner_alive("otherhost:1:abc:x:1") is None and owner_alive("w2") is None  # cannot tell: lease expiry
+    job = q.lease("w2", lease_s=300)  # no clock advance: the owner is known to be gone
+    assert job.id == job_id and job.attempts == 2 and job.lease_owner == "w2"
+
+
+def test_reclaim_orphans_for_the_supervisor(tmp_path):
+    q = JobQueue(tmp_path / "q.db")
+    job_id, _ = q.enqueue("k")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = make_owner(child.pid)
+    q.lease(owner)
+    child.wait()
+    assert q.reclaim_orphans() == [job_id]
+    assert q.reclaim_orphans() == []
+
+
+# ------------------------------------------------------------------ integrity
+
+
+def _filled(path) -> str:
+    q = JobQueue(path)
+    return q.enqueue("orthanc:s1")[0]
+
+
+@pytest.mark.parametrize("damage", ["emptied", "garbage_header", "half_file"])
+def test_a_damaged_queue_is_refused_or_moved_aside_with_an_incident(tmp_path, damage):
+    path = tmp_path / "q.db"
+    _filled(path)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"q.db{suffix}").unlink(missing_ok=True)
+    data = path.read_bytes()
+    if damage == "emptied":
+        path.write_bytes(b"")
+    elif damage == "garbage_header":
+        path.write_bytes(b"\x00garbage-garbage" + data[17:])
+    else:
+        path.write_bytes(data[: len(data) // 2])
+    state, detail = inspect_queue(path)
+    assert state == ("emptied" if damage == "emptied" else "damaged"), detail
+    with pytest.raises(QueueDamaged) as info:
+        JobQueue(path)  # a worker: refuses, never re-creates an empty schema over it
+    assert info.value.kind == state
+    q = JobQueue(path, recover=True)  # the queue's owner: moves it aside, starts anew, says so
+    assert q.incident["kind"] == state and q.incident["moved_to"]
+    (incident,) = q.incidents()
+    assert incident["kind"] == state and "moved to" in incident["detail"]
+    assert q.counts()["pending"] == 0 and inspect_queue(path)[0] == "ok"
+    assert JobQueue(path).incident is None  # healthy now
+
+
+def test_queue_files_are_private(tmp_path):
+    path = tmp_path / "new" / "q.db"
+    JobQueue(path).enqueue("k")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name("q.db" + suffix)
+        if side.exists():
+            assert stat.S_IMODE(side.stat().st_mode) & 0o077 == 0

@@ -10,6 +10,7 @@ command line (on a bundle copy) and the shipped weights.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from explainers.medxgan import (
     invert,
 )
 from explainers.optimise import SearchBudget
-from explainers.train_medxgan import MedxganTrainingConfig, train_medxgan
+from explainers.train_medxgan import MedxganTrainer, MedxganTrainingConfig
+from explainers.training import fit
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     BOX, DEMO_BUNDLE, SIZE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
@@ -192,8 +194,15 @@ def test_integrated_gradients_along_the_latent_path_are_complete():
 
 
 def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_classifier):
-    generator, encoder = tiny_networks()
-    images = real_images(kermany_dir, 3)
+    # In float64: the property under test is that no image's search reads another
+    # image (batch statistics, a shared stopping rule). In float32 the batched
+    # convolutions differ from the single-image ones in the 7th digit, and the
+    # search amplifies that (Adam's first steps are ~lr x sign(gradient); the walk
+    # direction of a negative call is a normalised, often tiny gradient), so the
+    # result moved by ~1e-2 on one CPU and not on another.
+    generator, encoder = (network.double() for network in tiny_networks())
+    demo_classifier = copy.deepcopy(demo_classifier).double()
+    images = real_images(kermany_dir, 3).double()
     settings = dict(generator=generator, encoder=encoder, inversion_steps=5, steps=3, threshold=0.808)
     for explainer in (MedxganExplainer(**settings), MedxganIGExplainer(ig_steps=4, **settings)):
         batch = explainer.explain(images, demo_classifier)
@@ -202,9 +211,7 @@ def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_class
         assert batch.checks[1]["steps_used"] == alone.checks[0]["steps_used"]
         assert batch.counterfactuals.shape == (3, 3, 1, 128, 128) and batch.saliency.shape == (3, 128, 128)
         if isinstance(explainer, MedxganIGExplainer):
-            # Input gradients of the DenseNet differ in the last digits between batch
-            # sizes (convolution order), and ReLU gradients amplify that a little.
-            assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=5e-3)
+            assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=1e-4)
             assert batch.checks[1]["attribution_sum"] == pytest.approx(alone.checks[0]["attribution_sum"], rel=1e-3)
         else:
             assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=1e-4)
@@ -222,24 +229,25 @@ def test_bad_settings_are_refused():
 
 # -- training ----------------------------------------------------------------------------
 
+def train_medxgan(generator, encoder, classifier, train, val, config, directory):
+    return fit(MedxganTrainer(config, generator, encoder, classifier, train, val), directory)
+
+
 def _tiny_config(epochs: int) -> MedxganTrainingConfig:
-    return MedxganTrainingConfig(epochs=epochs, batch_size=8, threshold=0.5, validation_images=4)
+    return MedxganTrainingConfig(epochs=epochs, batch_size=8, threshold=0.5, validation_images=4,
+                                 inversion_steps=3, steps=2)
 
 
 def test_training_runs_logs_and_resumes_bit_identically(tmp_path):
     train, _ = box_images(16, seed=0)
     val, _ = box_images(4, seed=1)
     classifier = BoxClassifier()
-    settings = {"inversion_steps": 3, "steps": 2}
 
-    first = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(1), tmp_path / "a",
-                          explainer_parameters=settings)
+    first = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(1), tmp_path / "a")
     assert first.log[0]["epoch"] == 0.0 and {"loss_g", "loss_d", "loss_e", "val_flip_rate"} <= set(first.log[0])
-    second = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "a",
-                           explainer_parameters=settings)
+    second = train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "a")
     assert [r["epoch"] for r in second.log] == [0.0, 1.0] and second.log[0] == first.log[0]
-    train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "b",
-                  explainer_parameters=settings)
+    train_medxgan(*tiny_networks(), classifier, train, val, _tiny_config(2), tmp_path / "b")
     last_a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     last_b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     for part in ("generator", "encoder"):

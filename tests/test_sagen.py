@@ -18,7 +18,9 @@ import torch
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.sagen import SagenExplainer, SagenGenerator
-from explainers.train_sagen import SagenLossWeights, SagenTrainingConfig, evaluate_sagen, train_sagen
+from explainers.train_sagen import SagenLossWeights, SagenTrainer, SagenTrainingConfig
+from explainers.training import fit
+from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
     DEMO_BUNDLE, TINY, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images,
@@ -94,6 +96,10 @@ def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_class
 
 # -- training ----------------------------------------------------------------------
 
+def train_sagen(generator, classifier, train, val, config, directory):
+    return fit(SagenTrainer(config, generator, classifier, train, val), directory)
+
+
 def _tiny_config(epochs: int, **kw) -> SagenTrainingConfig:
     return SagenTrainingConfig(epochs=epochs, batch_size=8, learning_rate=3e-3, discriminator_learning_rate=1e-3,
                                threshold=0.5, translate=1.0, rotate=0.05, scale=0.02,
@@ -107,7 +113,7 @@ def test_a_tiny_generator_learns_to_move_the_decision(tmp_path):
     val, _ = box_images(32, seed=1)
     classifier = BoxClassifier()
     generator = SagenGenerator(features=TINY)
-    before = evaluate_sagen(generator, classifier, val, 0.5)
+    before = evaluate_explainer(SagenExplainer(generator=generator, threshold=0.5), classifier, val)
     assert before["flip_rate"] == 0.0  # identity at start
     result = train_sagen(generator, classifier, train, val, _tiny_config(5), tmp_path / "ckpt")  # 40 steps
     with torch.no_grad():

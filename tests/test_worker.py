@@ -33,6 +33,7 @@ from pipeline.audit import AuditLog, Redactor, ScrubUIDsFilter, hash_text
 from pipeline.jobqueue import JobQueue
 from pipeline.orthanc_client import OrthancClient, OrthancConfigError, OrthancRequestError, OrthancUnavailable
 from pipeline.worker import Worker, open_queue
+from tests.clock import FakeClock
 from tests.conftest import PROJECT_ROOT
 
 MEDXPLAIN = [sys.executable, "-m", "pipeline.cli"]
@@ -124,7 +125,7 @@ def _identifying(paths: list[Path]) -> set[str]:
 def test_folder_job_explains_the_good_images_skips_the_bad_and_reruns_idempotently(
         tmp_path, bundle_dir, study_folder, cr_16bit, cr_jpeg):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     out = tmp_path / "out"
     payload = {"kind": "folder", "folder": str(study_folder), "deliver": "folder", "out": str(out)}
     job_id, _ = queue.enqueue("folder:test", payload)
@@ -176,7 +177,8 @@ def test_folder_job_explains_the_good_images_skips_the_bad_and_reruns_idempotent
 @pytest.mark.slow
 def test_failing_delivery_backs_off_goes_dead_keeps_the_spool_then_retry_completes(tmp_path, bundle_dir, cr_jpeg):
     cfg = make_config(tmp_path, bundle_dir, queue={"max_attempts": 2})
-    queue = open_queue(cfg)
+    clock = FakeClock()
+    queue = open_queue(cfg, clock=clock)
     spool = tmp_path / "spool" / "study-1"
     spool.mkdir(parents=True)
     shutil.copy(cr_jpeg, spool / "1.dcm")
@@ -189,10 +191,10 @@ def test_failing_delivery_backs_off_goes_dead_keeps_the_spool_then_retry_complet
 
     assert worker.run_once() == ["pending"]
     job = queue.get(job_id)
-    assert job.attempts == 1 and job.not_before > time.time() - 0.01
+    assert job.attempts == 1 and job.not_before == clock.now + cfg.queue.backoff_s
     assert job.last_error.startswith("DeliveryFailed: cannot write results under the output folder")
     assert worker.run_once() == []  # backing off
-    time.sleep(0.12)
+    clock.advance(cfg.queue.backoff_s)
     assert worker.run_once() == ["dead"]
     job = queue.get(job_id)
     assert job.state == "dead" and job.attempts == 2 and "DeliveryFailed" in job.last_error
@@ -210,7 +212,7 @@ def test_failing_delivery_backs_off_goes_dead_keeps_the_spool_then_retry_complet
 @pytest.mark.slow
 def test_stop_request_releases_the_job_and_a_rerun_finishes_it(tmp_path, bundle_dir, cr_jpeg, cr_16bit):
     cfg = make_config(tmp_path, bundle_dir, batch_size=1)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(cr_jpeg, folder / "1.dcm")
@@ -242,9 +244,15 @@ def test_stop_request_releases_the_job_and_a_rerun_finishes_it(tmp_path, bundle_
 
 
 @pytest.mark.slow
-def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bundle_dir, cr_jpeg, cr_16bit):
-    cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+@pytest.mark.parametrize("error, outcome", [(ValueError, "done"), (RuntimeError, "pending")],
+                         ids=["deterministic", "transient"])
+def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bundle_dir, cr_jpeg, cr_16bit,
+                                                                    error, outcome):
+    """A writer-style error (ValueError) is recorded for that image and not retried; an
+    environment-style error (RuntimeError: device, memory) fails the job for a retry.
+    Either way the study's other image is explained and delivered."""
+    cfg = make_config(tmp_path, bundle_dir, queue={"backoff_s": 3600, "backoff_max_s": 3600})  # no re-lease here
+    queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(cr_jpeg, folder / "1.dcm")
@@ -258,17 +266,22 @@ def test_an_image_the_engine_fails_on_does_not_hold_back_the_others(tmp_path, bu
 
     def run(sources):  # the engine raising on one image (whose UID its message quotes)
         if any(s.sop_instance_uid == poison for s in sources):
-            raise ValueError(f"{poison}: cannot explain this one")
+            raise error(f"{poison}: cannot explain this one")
         return real_run(sources)
 
     engine.run = run
-    assert worker.run_once() == ["pending"]
+    assert worker.run_once() == [outcome]
     job = queue.get(job_id)
-    assert job.last_error.startswith("ImagesFailed: 1 image(s) could not be explained; first: explain_failed")
-    assert poison not in job.last_error and f"uid:{hash_text(poison)}" in job.last_error
     assert len(list(out.rglob("SR-*.dcm"))) == 1  # the other image was explained and delivered
     line = AuditLog(cfg.worker.audit_log).read()[-1]
     assert line["instances"]["failed"] == 1 and line["instances"]["explained"] == 1 and poison not in str(line)
+    if outcome == "done":
+        assert job.attempts == 1 and job.result["failures"] == [
+            {"instance": hash_text(poison), "reason": "explain_failed:ValueError"}]
+        assert line["failures"] == job.result["failures"]
+    else:
+        assert job.last_error.startswith("ImagesFailed: 1 image(s) could not be explained; first: explain_failed")
+        assert poison not in job.last_error and f"uid:{hash_text(poison)}" in job.last_error
 
 
 @pytest.mark.slow
@@ -277,7 +290,7 @@ def test_a_rule_picks_its_own_model_profile(tmp_path, bundle_dir, cr_jpeg):
     cfg = make_config(tmp_path, bundle_dir, rules=[
         {"name": "secondary capture", "modalities": [], "sop_class_uids": [sc_class], "explainers": ["occlusion"]},
         {"name": "chest radiographs"}])
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(cr_jpeg, folder / "1.dcm")
@@ -306,7 +319,7 @@ def test_cstore_delivery_from_the_dicom_node_spool(tmp_path, bundle_dir, cr_jpeg
     try:
         cfg = make_config(tmp_path, bundle_dir,
                           delivery={"cstore": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}})
-        queue = open_queue(cfg)
+        queue = open_queue(cfg, clock=FakeClock())
         spool = tmp_path / "spool" / "0123abcd"
         spool.mkdir(parents=True)
         shutil.copy(cr_jpeg, spool / "1.dcm")
@@ -327,15 +340,33 @@ def test_cstore_delivery_from_the_dicom_node_spool(tmp_path, bundle_dir, cr_jpeg
         assert queue.get(refused).last_error.startswith("DeliveryError") and (spool / "1.dcm").exists()
     finally:
         scp.stop()
-    # The PACS is down: transient, retried with back-off.
+    # The PACS is down: the job is deferred without spending an attempt, and the worker pauses.
     again, _ = queue.enqueue("node:0123abcd", payload)
     assert worker.run_once() == ["pending"]
-    assert queue.get(again).last_error.startswith("DeliveryError")
+    job = queue.get(again)
+    assert job.last_error.startswith("DeliveryError") and job.attempts == 0 and job.unavailable_since is not None
+    assert worker.outage_pause_s == cfg.queue.backoff_s
+    # Down for longer than the whole retry budget (3 attempts): still waiting, nothing spent.
+    for _ in range(2 * cfg.queue.max_attempts):
+        queue.clock.advance(worker.outage_pause_s)
+        assert worker.run_once() == ["pending"]
+    assert queue.get(again).attempts == 0 and queue.get(again).state == "pending"
+    # The PACS is back on the same port: the job goes through and the outage ends.
+    received.clear()
+    scp = network.StorageSCP(ae_title="PACS", host="127.0.0.1", port=port, allowed_calling_ae_titles=["MEDXPLAIN"],
+                             on_store=on_store)
+    scp.start()
+    try:
+        queue.clock.advance(worker.outage_pause_s)
+        assert worker.run_once() == ["done"]
+    finally:
+        scp.stop()
+    assert len(received) == 3 and queue.get(again).attempts == 1 and worker.outage_pause_s == 0
 
 
 def test_permanent_failures_go_dead_at_once_with_the_reason(tmp_path, bundle_dir):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     worker = Worker(cfg, queue, "w1")
     cases = {
         "missing": ({"kind": "folder", "folder": str(tmp_path / "nope"), "deliver": "folder", "out": "/tmp/x"},
@@ -355,19 +386,20 @@ def test_permanent_failures_go_dead_at_once_with_the_reason(tmp_path, bundle_dir
 
 def test_a_job_whose_worker_keeps_dying_is_dead_lettered(tmp_path, bundle_dir):
     cfg = make_config(tmp_path, bundle_dir, queue={"max_attempts": 2})
-    queue = open_queue(cfg)
+    clock = FakeClock()
+    queue = open_queue(cfg, clock=clock)
     job_id, _ = queue.enqueue("k", {"kind": "folder", "folder": str(tmp_path), "deliver": "folder",
                                     "out": str(tmp_path / "out")})
     for _ in range(2):  # two workers "die" mid-job: their leases expire
-        assert queue.lease("crashed", lease_s=0.01).id == job_id
-        time.sleep(0.02)
+        assert queue.lease("crashed", lease_s=60).id == job_id
+        clock.advance(61)
     assert Worker(cfg, queue, "w").run_once() == ["dead"]
     assert queue.get(job_id).last_error.startswith("gave up: leased 3 times without finishing")
 
 
 def test_a_spool_folder_already_cleaned_up_is_a_no_op(tmp_path, bundle_dir):
     cfg = make_config(tmp_path, bundle_dir)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     job_id, _ = queue.enqueue("k", {"kind": "folder", "folder": str(tmp_path / "spool" / "gone"),
                                     "deliver": "folder", "out": str(tmp_path / "out")})
     assert Worker(cfg, queue, "w").run_once() == ["done"]
@@ -378,10 +410,12 @@ def test_orthanc_job_without_password_fails_with_a_clear_message(tmp_path, bundl
     monkeypatch.delenv("MEDXPLAIN_TEST_NO_SUCH_PASSWORD", raising=False)
     cfg = make_config(tmp_path, bundle_dir, delivery={"orthanc": True},
                       orthanc={"password_env": "MEDXPLAIN_TEST_NO_SUCH_PASSWORD"})
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     job_id, _ = queue.enqueue("orthanc:abc", {"kind": "orthanc", "study": "abc"})
     assert Worker(cfg, queue, "w").run_once() == ["pending"]
-    assert "MEDXPLAIN_TEST_NO_SUCH_PASSWORD is not set" in queue.get(job_id).last_error
+    job = queue.get(job_id)
+    assert "MEDXPLAIN_TEST_NO_SUCH_PASSWORD is not set" in job.last_error
+    assert job.attempts == 0  # a configuration to fix: the job waits, spending no attempt
     with pytest.raises(OrthancConfigError, match="MEDXPLAIN_TEST_NO_SUCH_PASSWORD"):
         OrthancClient.from_config(cfg.orthanc)
 
@@ -599,7 +633,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     monkeypatch.setenv("MEDXPLAIN_TEST_ORTHANC_PASSWORD", orthanc.password)
     cfg = make_config(tmp_path, bundle_dir, delivery={"orthanc": True},
                       orthanc={"url": orthanc.url, "password_env": "MEDXPLAIN_TEST_ORTHANC_PASSWORD"})
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, clock=FakeClock())
     worker = Worker(cfg, queue, "w1")
     job_id, _ = queue.enqueue(f"orthanc:{study}", {"kind": "orthanc", "study": study})
     assert worker.run_once() == ["done"]
@@ -633,3 +667,40 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     assert queue.get(job3).last_error.startswith("OrthancUnavailable")
     text = cfg.worker.audit_log.read_text()
     assert source_uid not in text
+
+
+def test_failures_are_classified_by_what_retrying_can_do():
+    from dicom_io.network import DeliveryError
+    from pipeline.orthanc_client import OrthancConfigError
+    from pipeline.worker import _classify
+
+    down = dict(ae_title="PACS", host="127.0.0.1", port=104)
+    assert _classify(OrthancUnavailable("refused")) == "unavailable"
+    assert _classify(OrthancUnavailable("x", status=503)) == "unavailable"
+    assert _classify(OrthancUnavailable("x", status=507)) == "unavailable"  # Orthanc's disk is full
+    assert _classify(OrthancUnavailable("x", status=500)) == "retry"
+    assert _classify(OrthancRequestError("x", status=401)) == "unavailable"  # credentials: a config to fix
+    assert _classify(OrthancRequestError("x", status=400)) == "permanent"
+    assert _classify(OrthancRequestError("not stored")) == "permanent"
+    assert _classify(OrthancConfigError("no password")) == "unavailable"
+    assert _classify(DeliveryError("refused", **down)) == "unavailable"
+    assert _classify(DeliveryError("out of resources", status=0xA700, **down)) == "unavailable"
+    assert _classify(DeliveryError("cannot understand", status=0xC000, **down)) == "retry"
+    assert _classify(DeliveryError("AE refused", transient=False, **down)) == "permanent"
+    assert _classify(RuntimeError("cuda")) == "retry"
+
+
+def test_jobs_and_worker_commands_refuse_a_damaged_queue_with_a_clear_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    queue = tmp_path / "queue.db"
+    JobQueue(queue).enqueue("k")
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"queue.db{suffix}").unlink(missing_ok=True)
+    queue.write_bytes(b"")
+    for args in (["jobs", "list", "--queue", str(queue)], ["worker", "--once", "--no-warm", "--queue", str(queue)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "is emptied" in result.output, (args, result.output)
+    assert queue.stat().st_size == 0  # left for its owner to recover, never re-created empty by a reader

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from dicom_io.preprocess import InputSpec
 from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpecModel, TaskSpec, save_weights
 from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
-from explainers.train_classifier import ClassifierTrainingConfig, predict_probabilities, train_classifier
+from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig, predict_probabilities
+from explainers.training import fit
 from explainers.metrics import classification_metrics
 from pipeline.datasets import load_splits
 
@@ -69,14 +70,16 @@ def train_classifier_bundle(
     input_model = InputSpecModel(size=(size, size), aspect="squash", mean=0.5, std=0.25)
     model = BinaryClassifier(network, mean=input_model.mean, std=input_model.std)
     config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device)
-    steps = (len(splits["train"].labels) + batch_size - 1) // batch_size
+    trainer = ClassifierTrainer(config, model, splits["train"].images, splits["train"].labels,
+                                splits["val"].images, splits["val"].labels)
+    steps = trainer.steps_per_epoch()
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         bar = progress.add_task("train classifier", total=epochs * steps, loss=float("nan"))
 
-        def on_step(epoch: int, step: int, loss: float) -> None:
-            progress.update(bar, completed=epoch * steps + step, loss=loss,
+        def on_step(epoch: int, step: int, losses: dict[str, float]) -> None:
+            progress.update(bar, completed=epoch * steps + step, loss=losses["train_loss"],
                             description=f"epoch {epoch + 1}/{epochs}")
 
         def on_epoch(row: dict[str, float]) -> None:
@@ -84,15 +87,16 @@ def train_classifier_bundle(
             progress.console.print(f"epoch {int(row['epoch']) + 1}/{epochs}: loss {row['train_loss']:.4f}, "
                                    f"val AUROC {row['val_auroc']:.4f}, {row['seconds']:.0f} s")
 
-        result = train_classifier(
-            model, splits["train"].float_images(), splits["train"].labels,
-            splits["val"].float_images(), splits["val"].labels, config, out / ".checkpoints", on_step, on_epoch,
-        )
+        result = fit(trainer, out / ".checkpoints", log_path=out / "classifier_training_log.csv",
+                     on_step=on_step, on_epoch=on_epoch)
 
-    test_prob = predict_probabilities(model, splits["test"].float_images(), device)
-    test = classification_metrics(test_prob, splits["test"].labels, result.threshold)
+    threshold = trainer.decision_threshold()
+    validation = classification_metrics(predict_probabilities(model, splits["val"].images, device),
+                                        splits["val"].labels, threshold)
+    test_prob = predict_probabilities(model, splits["test"].images, device)
+    test = classification_metrics(test_prob, splits["test"].labels, threshold)
     weights = save_weights(model.network, out / "classifier.safetensors")
-    task_spec = TASKS[task].model_copy(update={"threshold": round(result.threshold, 6)})
+    task_spec = TASKS[task].model_copy(update={"threshold": round(threshold, 6)})
     spec = BundleSpec(
         name=name,
         version="1.0.0",
@@ -109,7 +113,7 @@ def train_classifier_bundle(
             "wall_time_s": round(time.perf_counter() - started, 1), "device": device,
             "torch": torch.__version__, "python": platform.python_version(), "log": "classifier_training_log.csv",
         },
-        metrics={"validation": _rounded(result.validation), "test": _rounded(test)},
+        metrics={"validation": _rounded(validation), "test": _rounded(test)},
         data={
             "source": str(data.name),
             "splits": {k: int(len(v.labels)) for k, v in splits.items()},
