@@ -94,6 +94,20 @@ class DicomNodeConfig(_Strict):
                                     "their job is done; outside the project by default")
 
 
+class TrustConfig(_Strict):
+    out_of_domain: Literal["skip", "warn"] | None = Field(
+        None, description="an image the bundle's domain guard scores out of domain: 'skip' it with the reason "
+                          "out_of_domain, or 'warn': explain it with an 'out of domain' caution on the overlay and "
+                          "in the SR. Unset: skip in the PACS (worker), warn in `medxplain explain` (a person "
+                          "asked for that file; the summary table says so)")
+    low_confidence_margin: float = Field(
+        0.05, ge=0, lt=1, description="|P - threshold| below this is called 'low confidence (near threshold)' "
+                                      "on the overlay and in the SR")
+    explainer_classifier_override: bool = Field(
+        False, description="RESEARCH ONLY: load explainer networks trained against another classifier than the "
+                           "bundle's (normally refused); recorded in the SR and on the overlay")
+
+
 class MedxplainConfig(_Strict):
     bundle: Path = Field(Path("bundles/demo-pneumonia"),
                          description="model bundle folder (relative paths are from the project root)")
@@ -106,6 +120,7 @@ class MedxplainConfig(_Strict):
         "float32", description="autocast dtype on CUDA for classifier/explainers (CPU always float32)")
     batch_size: int = Field(8, ge=1, le=512, description="images per explainer batch")
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     trusted_torchscript: list[str] = Field(
         default_factory=list, description="sha256 of TorchScript classifier files allowed to load")
     max_pixels: int = Field(60_000_000, ge=1, description="reject images with more pixels than this")

@@ -9,13 +9,13 @@ hides what matters (text is left-aligned; the legend sits at the right):
     +---------------------------------------------------------------+
     | medxplain | <method>                   NOT FOR DIAGNOSTIC USE   |
     | P(PNEUMONIA)=0.93 -> PNEUMONIA           saliency [low....high] |
-    | counterfactual P=0.12, FLIPPED                                  |
+    | counterfactual P=0.12: flipped the decision                     |
     +---------------------------------------------------------------+
     |                                                               |
     |            source (grey) + saliency (colour, alpha)           |
     |                                                               |
     +---------------------------------------------------------------+
-    | NOT FOR DIAGNOSTIC USE                                        |
+    | NOT FOR DIAGNOSTIC USE | out of domain: ... (cautions, orange)  |
     +---------------------------------------------------------------+
 
 Font size scales with the image (about 1/38 of its shorter side), so the text
@@ -137,6 +137,7 @@ def render_overlay(
     flipped: bool | None = None,
     threshold: float = 0.2,
     max_alpha: float = 0.6,
+    cautions: tuple[str, ...] = (),
 ) -> np.ndarray:
     """Return the overlay picture as RGB uint8, shape ``(band + rows + bottom band, cols, 3)``.
 
@@ -146,6 +147,8 @@ def render_overlay(
     ``display`` and ``saliency`` are float arrays in [0, 1] of the same shape
     (already validated by the caller). Saliency below ``threshold`` is fully
     transparent; above it, colour opacity rises linearly to ``max_alpha``.
+    ``cautions`` (plain words, e.g. "out of domain", "low confidence (near
+    threshold)") follow the warning in the bottom band, in orange.
     """
     if display.shape[1] < MIN_OVERLAY_WIDTH:
         # Small sources (e.g. 224 px) are enlarged so that the burned-in text, above
@@ -197,13 +200,13 @@ def render_overlay(
     if counterfactual_probability is not None:
         parts.append(f"counterfactual P={counterfactual_probability:.2f}")
     if flipped is True:
-        parts.append("FLIPPED")
+        parts.append("flipped the decision")
         colour = _OK_COLOUR
     elif flipped is False:
-        parts.append("DID NOT FLIP")
+        parts.append("did not flip")
         colour = _CAUTION_COLOUR
     if parts:
-        line3 = ", ".join(parts) if counterfactual_probability is not None else "counterfactual " + parts[-1]
+        line3 = ": ".join(parts) if counterfactual_probability is not None else "counterfactual " + parts[-1]
         line3, size3 = _fit(draw, line3, size, left_w)
         draw.text((pad, pad + 2 * line_h), line3, font=_font(size3), fill=colour,
                   stroke_width=_stroke(size3), stroke_fill=colour)
@@ -238,5 +241,10 @@ def render_overlay(
     wm_size = max(10, int(size * 0.8))
     draw.text((pad, band_h + rows + bottom_h // 2), NOT_FOR_DIAGNOSTIC_USE, font=_font(wm_size),
               fill=_WARN_COLOUR, anchor="lm", stroke_width=_stroke(wm_size), stroke_fill=_WARN_COLOUR)
+    if cautions:
+        x = 2 * pad + _text_width(draw, NOT_FOR_DIAGNOSTIC_USE, _font(wm_size), _stroke(wm_size))
+        text, caution_size = _fit(draw, "| " + "; ".join(cautions), wm_size, cols - x - pad)
+        draw.text((x, band_h + rows + bottom_h // 2), text, font=_font(caution_size), fill=_CAUTION_COLOUR,
+                  anchor="lm", stroke_width=_stroke(caution_size), stroke_fill=_CAUTION_COLOUR)
 
     return np.asarray(canvas, dtype=np.uint8)

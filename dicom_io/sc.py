@@ -123,6 +123,7 @@ def overlay_sc(
     instance_number: int = 1,
     positive_label: str = "PNEUMONIA",
     threshold: float = 0.2,
+    cautions: tuple[str, ...] = (),
 ) -> Dataset:
     """RGB Secondary Capture: source in grey, saliency in colour, legend and text burned in.
 
@@ -139,7 +140,10 @@ def overlay_sc(
         classifier probability of ``positive_label`` and the decision it led to.
     counterfactual_probability, flipped:
         the classifier on the counterfactual, and whether its decision flipped;
-        "DID NOT FLIP" is printed in orange when ``flipped`` is False.
+        "did not flip" is printed in orange when ``flipped`` is False.
+    cautions:
+        plain-language warnings ("out of domain ...", "low confidence (near
+        threshold)"), printed in orange in the bottom band and kept in ImageComments.
     context, series_number, instance_number:
         who writes it and where it goes in the new series.
 
@@ -178,6 +182,7 @@ def overlay_sc(
         counterfactual_probability=counterfactual_probability,
         flipped=None if flipped is None else bool(flipped),
         threshold=float(threshold),
+        cautions=tuple(check_text("cautions", c, max_len=1024) for c in cautions),
     )
 
     ds = source.dataset
@@ -209,7 +214,9 @@ def overlay_sc(
     if counterfactual_probability is not None:
         summary += f"; counterfactual P={counterfactual_probability:.3f}"
     if flipped is not None:
-        summary += "; FLIPPED" if flipped else "; DID NOT FLIP"
+        summary += "; counterfactual flipped the decision" if flipped else "; counterfactual did not flip"
+    for caution in cautions:
+        summary += f"; {caution}"
     sc.BurnedInAnnotation = "YES"
     sc.SourceImageSequence = [source_image_item(ds)]
     of_source = source_label(ds)

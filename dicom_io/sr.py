@@ -10,7 +10,10 @@ Document layout (``dsrdump`` shows it in this order)::
           Algorithm: medxplain <version>, parameters: bundle ..., settings key, explainers
           Image Region = SCOORD POLYLINE around the whole source image
           Classifier probability (%), decision threshold (%), total processing time (ms)
-          <finding> = Present | Absent; Decision (text)
+          Domain guard score and threshold (when the bundle has a guard)
+          <finding> = Present | Absent; Image within the classifier's domain = Yes | No;
+          Decision (text); Caution (text, one per caution: "out of domain: ...",
+          "low confidence (near threshold): ...", "research override: ...")
         Measurement Group "<method> salient region" per explainer (TID 1410)
           Tracking identifier + UID (the SEG segment's TrackingUID when there is one)
           Finding; Algorithm: <method> <version>, one "Algorithm Parameters" item per
@@ -21,7 +24,8 @@ Document layout (``dsrdump`` shows it in this order)::
           processing time (ms), numeric checks; rounded (probabilities to 0.1 %,
           times to 1 ms, checks to 4 significant digits)
           <finding> = Present | Absent; counterfactual decision flipped = Yes | No;
-          boolean checks; Decision (text), text checks
+          boolean checks; Decision (text); Counterfactual result (text: "counterfactual
+          flipped the decision" | "counterfactual did not flip"), text checks
           labelled references: "Saliency overlay", "Counterfactual image, step k of T"
           (last: "full counterfactual"), "Segmentation of the most salient region"
 
@@ -78,6 +82,7 @@ from dicom_io.uids import derived_uid, instance_uid, series_uid
 
 __all__ = [
     "ExplainerRecord",
+    "DomainAssessment",
     "audit_sr",
     "SR_KIND",
     "PRIVATE_SCHEME",
@@ -114,6 +119,11 @@ _CF_FLIPPED = Code("CFFLIP", PRIVATE_SCHEME, "Counterfactual decision flipped")
 _PROCESSING_TIME = Code("PROCMS", PRIVATE_SCHEME, "Processing time")
 _TOTAL_PROCESSING_TIME = Code("TOTALMS", PRIVATE_SCHEME, "Total processing time")
 _DECISION = Code("DECISION", PRIVATE_SCHEME, "Classifier decision")
+_DOMAIN_SCORE = Code("DOMSCORE", PRIVATE_SCHEME, "Domain guard score")
+_DOMAIN_THRESHOLD = Code("DOMTHR", PRIVATE_SCHEME, "Domain guard threshold")
+_IN_DOMAIN = Code("INDOMAIN", PRIVATE_SCHEME, "Image within the classifier's domain")
+_CAUTION = Code("CAUTION", PRIVATE_SCHEME, "Caution")
+_CF_RESULT = Code("CFRESULT", PRIVATE_SCHEME, "Counterfactual result")
 _OVERLAY_REFERENCE = Code("OVERLAY", PRIVATE_SCHEME, "Saliency overlay")
 _SEGMENTATION_REFERENCE = Code("SEGMENTATION", PRIVATE_SCHEME, "Segmentation of the most salient region")
 
@@ -183,6 +193,17 @@ class ExplainerRecord:
     processing_ms: float
     derived: list[Dataset]
     salient_region: Any = None
+
+
+@dataclass(frozen=True)
+class DomainAssessment:
+    """The bundle's domain guard on the source: ``score`` (>= 0, larger = less like the
+    classifier's training data), the ``threshold`` above which an image is out of domain,
+    and ``in_domain`` (score <= threshold)."""
+
+    score: float
+    threshold: float
+    in_domain: bool
 
 
 def _check_ms(name: str, value: Any) -> float:
@@ -467,6 +488,10 @@ def _group(
     texts: list[Any] = [
         hd.sr.TextContentItem(name=_DECISION, value=record.decision, relationship_type="CONTAINS")
     ]
+    if record.flipped is not None:
+        texts.append(hd.sr.TextContentItem(
+            name=_CF_RESULT, relationship_type="CONTAINS",
+            value="counterfactual flipped the decision" if record.flipped else "counterfactual did not flip"))
     for key in sorted(record.checks):
         value = record.checks[key]
         code = _check_code(key)
@@ -493,7 +518,7 @@ def _group(
 
 def _run_group(
     records: Sequence[ExplainerRecord], *, source: Dataset, context: OutputContext, finding: Code,
-    total_ms: float,
+    total_ms: float, domain: DomainAssessment | None = None, cautions: Sequence[str] = (),
 ) -> Any:
     """The classifier's result on the whole image and the run's identity and time."""
     import highdicom as hd
@@ -531,16 +556,25 @@ def _run_group(
             ),
             hd.sr.Measurement(name=_DECISION_THRESHOLD, value=_percent(first.threshold), unit=_PROBABILITY_UNIT),
             hd.sr.Measurement(name=_TOTAL_PROCESSING_TIME, value=round(total_ms), unit=_MILLISECOND),
+            *([] if domain is None else [
+                hd.sr.Measurement(name=_DOMAIN_SCORE, value=_significant(domain.score), unit=_NO_UNITS),
+                hd.sr.Measurement(name=_DOMAIN_THRESHOLD, value=_significant(domain.threshold), unit=_NO_UNITS),
+            ]),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
                 name=finding, value=_PRESENT if first.probability >= first.threshold else _ABSENT
-            )
+            ),
+            *([] if domain is None else [
+                hd.sr.QualitativeEvaluation(name=_IN_DOMAIN, value=_YES if domain.in_domain else _NO)]),
         ],
     )
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(name=_DECISION, value=first.decision, relationship_type="CONTAINS")
     )
+    for caution in cautions:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=_CAUTION, value=caution, relationship_type="CONTAINS"))
     return group
 
 
@@ -561,6 +595,8 @@ def audit_sr(
     finding_name: str = "Pneumonia",
     total_processing_ms: float,
     instance_number: int = 1,
+    domain: DomainAssessment | None = None,
+    cautions: Sequence[str] = (),
 ) -> Dataset:
     """Comprehensive SR (TID 1500) recording what ran, on what, with which result.
 
@@ -576,6 +612,12 @@ def audit_sr(
         the classifier's positive class ("Pneumonia" -> SCT 233604007).
     total_processing_ms:
         wall time of the whole job (read, classify, explain, write).
+    domain:
+        the bundle's domain guard on this image (score, threshold, in/out), or None
+        when the bundle has no guard; recorded in the classifier's group.
+    cautions:
+        plain-language warnings for the reader (e.g. "out of domain: ...", "low
+        confidence (near threshold)"), each a TEXT item "Caution" in that group.
     """
     import highdicom as hd
 
@@ -614,7 +656,12 @@ def audit_sr(
             observer_type=codes.cid270.Device, observer_identifying_attributes=device
         )
     )
-    run_group = _run_group(records, source=src, context=context, finding=finding, total_ms=total_ms)
+    if domain is not None and not isinstance(domain, DomainAssessment):
+        raise ValueError('Argument "domain" must be a DomainAssessment or None.')
+    if isinstance(cautions, str) or any(not isinstance(c, str) or not c.strip() for c in cautions):
+        raise ValueError('Argument "cautions" must be a list of non-empty texts.')
+    run_group = _run_group(records, source=src, context=context, finding=finding, total_ms=total_ms,
+                           domain=domain, cautions=[check_text("cautions", c, max_len=1024) for c in cautions])
     groups = [run_group] + [
         _group(r, index=i, source=src, context=context, finding=finding) for i, r in enumerate(records)
     ]

@@ -66,6 +66,22 @@ class ExplainerSpec(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     weights: dict[str, WeightsRef] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    classifier_sha256: str | None = Field(
+        None, description="sha256 of the classifier weights the networks were trained against; loading them "
+                          "with another classifier is refused (Bundle.check_classifier_binding)")
+
+
+class DomainGuardSpec(_Strict):
+    """The bundle's domain guard (explainers/domain.py), written by `medxplain train domain-guard`."""
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    layers: list[str] = Field(min_length=1, description="classifier modules whose pooled activations are the "
+                                                        "features")
+    shrinkage: float = Field(0.05, ge=0, le=1)
+    threshold: float = Field(gt=0, description="scores above this are out of domain")
+    statistics: WeightsRef = Field(description="safetensors with 'means' (K, D) and 'precision' (D, D)")
+    classifier_sha256: str = Field(description="sha256 of the classifier whose features the statistics describe")
+    calibration: dict[str, Any] = Field(default_factory=dict)
 
 
 class BundleSpec(_Strict):
@@ -77,6 +93,7 @@ class BundleSpec(_Strict):
     input: InputSpecModel
     classifier: ClassifierSpec
     explainers: dict[str, ExplainerSpec] = Field(default_factory=dict)
+    domain_guard: DomainGuardSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
@@ -90,16 +107,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class Bundle:
-    """A loaded, verified bundle folder."""
+class ClassifierMismatchError(BundleError):
+    """An explainer network or the domain guard was made for another classifier than the bundle's."""
 
-    def __init__(self, root: Path, spec: BundleSpec, sha256: str):
+
+class Bundle:
+    """A loaded, verified bundle folder.
+
+    ``classifier_override``: research use only - load explainer networks trained against
+    another classifier than the bundle's (normally refused); each such load is listed in
+    ``binding_overrides`` (method -> sha256 it was trained against) for the SR.
+    """
+
+    def __init__(self, root: Path, spec: BundleSpec, sha256: str, *, classifier_override: bool = False):
         self.root = root
         self.spec = spec
         self.sha256 = sha256  # of bundle.yaml, which pins every weights file by hash
+        self.classifier_override = classifier_override
+        self.binding_overrides: dict[str, str] = {}
 
     @classmethod
-    def load(cls, root: str | Path, *, verify: bool = True) -> "Bundle":
+    def load(cls, root: str | Path, *, verify: bool = True, classifier_override: bool = False) -> "Bundle":
         root = Path(root)
         manifest = root / BUNDLE_FILE
         if not manifest.is_file():
@@ -109,7 +137,7 @@ class Bundle:
             spec = BundleSpec.model_validate(raw)
         except (yaml.YAMLError, ValidationError) as exc:
             raise BundleError(f"{manifest}: invalid bundle description:\n{exc}") from exc
-        bundle = cls(root, spec, sha256_file(manifest))
+        bundle = cls(root, spec, sha256_file(manifest), classifier_override=classifier_override)
         if verify:
             bundle.verify()
         return bundle
@@ -119,6 +147,8 @@ class Bundle:
         for method, explainer in self.spec.explainers.items():
             for part, ref in explainer.weights.items():
                 refs[f"{method}.{part}"] = ref
+        if self.spec.domain_guard is not None:
+            refs["domain_guard.statistics"] = self.spec.domain_guard.statistics
         return refs
 
     def verify(self) -> dict[str, str]:
@@ -161,13 +191,58 @@ class Bundle:
         model = BinaryClassifier(network, mean=self.spec.input.mean, std=self.spec.input.std, output=spec.output)
         return model.to(device).eval()
 
+    def check_classifier_binding(self, method: str) -> None:
+        """Refuse an explainer whose networks were trained against another classifier.
+
+        An amortised explainer (a generator trained against one classifier) explains that
+        classifier only: with another one its maps and counterfactuals describe the wrong
+        model (Adebayo et al. 2018: such maps pass no model-randomisation check). Raises
+        ClassifierMismatchError naming both sha256, unless ``classifier_override`` is set:
+        then the load is recorded in ``binding_overrides``.
+        """
+        spec = self.spec.explainers.get(method)
+        if spec is None:
+            return
+        current = self.spec.classifier.weights.sha256
+        trained = spec.classifier_sha256
+        if trained == current:
+            return
+        if self.classifier_override:
+            self.binding_overrides[method] = trained or "unrecorded"
+            return
+        what = (f"was trained against classifier sha256 {trained}" if trained
+                else "does not record the classifier it was trained against (explainers."
+                     f"{method}.classifier_sha256)")
+        raise ClassifierMismatchError(
+            f"{self.root}: explainer {method} {what}; this bundle's classifier is sha256 {current}. "
+            f"Retrain it (`medxplain train {method} --bundle {self.root} --data DIR`), or for research only "
+            "set config 'explainer_classifier_override: true' (recorded in the SR)")
+
     def load_state(self, method: str, part: str) -> dict[str, torch.Tensor]:
-        """Weights of one network of an explainer (verified by hash at load)."""
+        """Weights of one network of an explainer (verified by hash at load, bound to the classifier)."""
         try:
             ref = self.spec.explainers[method].weights[part]
         except KeyError as exc:
             raise BundleError(f"{self.root}: bundle has no weights {method}.{part}; train them first") from exc
+        self.check_classifier_binding(method)
         return load_file(str(self.root / ref.file), device="cpu")
+
+    def load_domain_statistics(self) -> dict[str, torch.Tensor]:
+        """The domain guard's 'means' and 'precision'; refused when made for another classifier."""
+        guard = self.spec.domain_guard
+        if guard is None:
+            raise BundleError(f"{self.root}: bundle has no domain guard; run `medxplain train domain-guard "
+                              f"--bundle {self.root} --data DIR`")
+        current = self.spec.classifier.weights.sha256
+        if guard.classifier_sha256 != current:
+            raise ClassifierMismatchError(
+                f"{self.root}: domain guard was calibrated on classifier sha256 {guard.classifier_sha256}; this "
+                f"bundle's classifier is sha256 {current}: recalibrate it (`medxplain train domain-guard`)")
+        state = load_file(str(self.root / guard.statistics.file), device="cpu")
+        missing = {"means", "precision"} - set(state)
+        if missing:
+            raise BundleError(f"{self.root}: {guard.statistics.file} lacks {sorted(missing)}")
+        return state
 
     def load_network(self, method: str, part: str, build: Callable[..., nn.Module], *,
                      settings: str = "network") -> nn.Module:

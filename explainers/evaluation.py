@@ -358,3 +358,76 @@ def measure(device: torch.device) -> Iterator[Cost]:
         else:
             cost.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             cost.peak_source = "ru_maxrss (process lifetime)"
+
+
+# -- sanity checks (Adebayo et al. 2018, "Sanity Checks for Saliency Maps") ----------
+
+def randomisation_blocks(network: nn.Module) -> list[str]:
+    """The network's parameterised blocks, from the output layer down to the input (the
+    cascading order of Adebayo et al. 2018, §4.1): top-level children, with
+    ``nn.Sequential`` containers (MONAI DenseNet's ``features``, ``class_layers``) expanded
+    one level."""
+    blocks = []
+    for name, child in network.named_children():
+        parts = child.named_children() if isinstance(child, nn.Sequential) else [("", child)]
+        for sub, module in parts:
+            if any(True for _ in module.parameters()):
+                blocks.append(f"{name}.{sub}" if sub else name)
+    return blocks[::-1]
+
+
+def _reinitialise(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # Random affine parameters; running statistics kept, so activations stay finite.
+            with torch.no_grad():
+                m.weight.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+        elif hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def cascading_randomisation(classifier: nn.Module, explain, images: torch.Tensor, *, stages: Sequence[float] =
+                            (0.0, 0.5, 1.0), seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model-randomisation test, cascading from the top block to the bottom.
+
+    ``explain(images, classifier) -> (B, H, W)`` maps; ``classifier`` has a ``network``
+    attribute (explainers.networks.BinaryClassifier) or is the network. The blocks of
+    :func:`randomisation_blocks` are re-initialised one after the other on a copy (the
+    classifier passed in is never changed); at each ``stages`` fraction of the blocks
+    (0.0 = the top block only, 1.0 = all) the maps are compared with the original ones.
+    Returns ``{"randomised_<fraction>": (B,) Spearman rank correlation}``: a map that
+    depends on the classifier decorrelates (near 0); one that stays near 1 does not look
+    at the classifier at explanation time.
+    """
+    import copy
+
+    original = explain(images, classifier).detach().float().cpu()
+    randomised = copy.deepcopy(classifier).eval()
+    network = getattr(randomised, "network", randomised)
+    blocks = randomisation_blocks(network)
+    modules = dict(network.named_modules())
+    checkpoints = {max(0, min(len(blocks) - 1, round(f * (len(blocks) - 1)))): f for f in stages}
+    torch.manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for index, name in enumerate(blocks):
+        _reinitialise(modules[name])
+        if index in checkpoints:
+            maps = explain(images, randomised).detach().float().cpu()
+            out[f"randomised_{checkpoints[index]:g}"] = map_agreement(original, maps)["spearman"]
+    return out
+
+
+def edge_similarity(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each map with the Sobel gradient magnitude of its own
+    input (B,): high means the map mostly shows the image's own edges, which needs no
+    trained model at all (Adebayo et al. 2018, §5: maps alike to an edge detector pass
+    as explanations while being independent of the model and of its training data)."""
+    gray = images[:, :1].float().cpu()
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])[None, None]
+    gx = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx)
+    gy = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx.transpose(-1, -2))
+    edges = (gx ** 2 + gy ** 2).sqrt()[:, 0]
+    if edges.shape[-2:] != maps.shape[-2:]:
+        edges = F.interpolate(edges[:, None], size=maps.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return map_agreement(edges / edges.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), maps.float().cpu())["spearman"]

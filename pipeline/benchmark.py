@@ -35,6 +35,11 @@ BASELINES = ("gradcam", "ig", "occlusion")
 NOISE_LEVELS = (0.02, 0.05)  # model-space intensity std: mild and clearly visible noise
 CACHE_SCHEMA = "medxplain-benchmark/1"
 FIGURE_CASES = 4
+# Model randomisation: maps compared after the top block, half the blocks and all of them.
+SANITY_STAGES = (0.0, 0.5, 1.0)
+# A map whose Spearman to the original stays at or above this after every block is
+# randomised is reported as not depending on the classifier at explanation time.
+CLASSIFIER_INDEPENDENT = 0.5
 
 
 class BenchmarkError(Exception):
@@ -231,14 +236,15 @@ def _mean(values: torch.Tensor) -> float:
 
 def run_method(name: str, bundle: Bundle, classifier: torch.nn.Module, cases: Cases, device: torch.device, *,
                batch_size: int, robustness_n: int, steps: int, seed: int, fingerprint: str,
-               on_progress: Callable[[float], None]) -> MethodRun:
+               on_progress: Callable[[float], None], sanity_n: int = 0) -> MethodRun:
     """Explain every case (timed), then score. ``on_progress`` gets fractions of the work."""
     started = time.perf_counter()
     explainer = explainer_class(name).from_bundle(bundle)
     threshold = bundle.spec.task.threshold
     images = cases.images.to(device)
     total = len(images)
-    work = total + robustness_n * len(NOISE_LEVELS)
+    sanity_n = min(sanity_n, total)
+    work = total + robustness_n * len(NOISE_LEVELS) + sanity_n * len(SANITY_STAGES)
     done = 0
 
     def explain(batch: torch.Tensor):
@@ -288,6 +294,19 @@ def run_method(name: str, bundle: Bundle, classifier: torch.nn.Module, cases: Ca
         for metric, values in agreement.items():
             arrays[f"robust_{metric}_{sigma}"] = values
             summary[f"robust_{metric}_{sigma}"] = _mean(values)
+
+    # Sanity checks (Adebayo et al. 2018): cascading model randomisation on the first
+    # cases, and how much each map is its input's own edges.
+    if sanity_n:
+        randomised = ev.cascading_randomisation(
+            classifier, lambda x, c: explainer.explain(x, c).saliency, images[:sanity_n], stages=SANITY_STAGES,
+            seed=seed)
+        for key, values in randomised.items():
+            arrays[key], summary[key] = values, _mean(values)
+        done += sanity_n * len(SANITY_STAGES)
+        on_progress(done / work)
+    arrays["edge_similarity"] = ev.edge_similarity(cases.images, maps)
+    summary["edge_similarity"] = _mean(arrays["edge_similarity"])
 
     summary.update(score_maps(classifier, cases, maps, threshold, device, steps=steps, seed=seed, arrays=arrays,
                               batch_size=batch_size))
@@ -403,15 +422,15 @@ def environment() -> dict[str, str]:
 
 def run_benchmark(*, bundle_path: Path, out: Path, methods: list[str] | None = None, n: int = 100,
                   data: Path | None = None, device: str = "auto", batch_size: int = 16, robustness_n: int = 32,
-                  steps: int = 16, seed: int = 0,
+                  steps: int = 16, seed: int = 0, sanity_n: int = 8,
                   on_method: Callable[[str, str], None] | None = None,
                   on_progress: Callable[[str, float], None] | None = None) -> BenchmarkResult:
     """Run (or resume) the benchmark; the caller writes the report."""
     from pipeline.engine import resolve_device
 
     started = time.perf_counter()
-    if batch_size < 1 or robustness_n < 0 or steps < 2:
-        raise BenchmarkError("need --batch-size >= 1, --robustness-n >= 0 and --steps >= 2")
+    if batch_size < 1 or robustness_n < 0 or steps < 2 or sanity_n < 0:
+        raise BenchmarkError("need --batch-size >= 1, --robustness-n >= 0, --sanity-n >= 0 and --steps >= 2")
     try:
         bundle = Bundle.load(bundle_path)
     except BundleError as exc:
@@ -423,10 +442,12 @@ def run_benchmark(*, bundle_path: Path, out: Path, methods: list[str] | None = N
     data = data or default_data_dir(bundle)
     cases = select_cases(data, bundle, n=n, seed=seed)
     robustness_n = min(robustness_n, len(cases.paths))
+    sanity_n = min(sanity_n, len(cases.paths))
     classifier = bundle.load_classifier(device=str(torch_device))
     names, skipped = runnable_methods(bundle, methods)
     threshold = bundle.spec.task.threshold
     options = {"batch_size": batch_size, "robustness_n": robustness_n, "steps": steps, "seed": seed,
+               "sanity_n": sanity_n,
                "noise": list(NOISE_LEVELS), "device": torch_device.type}
     runs, cached = [], []
     for name in names:
@@ -443,6 +464,7 @@ def run_benchmark(*, bundle_path: Path, out: Path, methods: list[str] | None = N
             torch.manual_seed(seed)
             run = run_method(name, bundle, classifier, cases, torch_device, batch_size=batch_size,
                              robustness_n=robustness_n, steps=steps, seed=seed, fingerprint=fingerprint,
+                             sanity_n=sanity_n,
                              on_progress=lambda f, name=name: on_progress(name, f) if on_progress else None)
             save_cached(out, run)
         runs.append(run)

@@ -50,6 +50,8 @@ def benchmark_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(16, help="images per explain() call"),
     robustness_n: int = typer.Option(32, help="cases explained again under each noise level"),
+    sanity_n: int = typer.Option(8, help="cases explained again at each stage of the cascading model "
+                                         "randomisation (Adebayo et al. 2018); 0 = skip"),
     steps: int = typer.Option(16, help="deletion / insertion steps"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -74,7 +76,8 @@ def benchmark_command(
             result = run_benchmark(
                 bundle_path=bundle, out=out, methods=methods.split(",") if methods else None, n=n, data=data,
                 device=device, batch_size=batch_size, robustness_n=robustness_n, steps=steps, seed=seed,
-                on_method=on_method, on_progress=lambda name, f: progress.update(bars[name], completed=f))
+                sanity_n=sanity_n, on_method=on_method,
+                on_progress=lambda name, f: progress.update(bars[name], completed=f))
         except BenchmarkError as exc:
             console.print(f"[red]cannot benchmark:[/] {exc}")
             raise typer.Exit(2)
@@ -83,7 +86,7 @@ def benchmark_command(
                         shlex.quote(str(out))] + (["--methods", methods] if methods else [])
                        + ["--n", str(n)] + (["--data", shlex.quote(str(data))] if data else [])
                        + ["--device", device, "--batch-size", str(batch_size), "--robustness-n", str(robustness_n),
-                          "--steps", str(steps), "--seed", str(seed)])
+                          "--sanity-n", str(sanity_n), "--steps", str(steps), "--seed", str(seed)])
     report_md, report_html = write_report(result, command=command, wall_s=time.perf_counter() - started)
     for name, reason in result.skipped.items():
         console.print(f"[yellow]skipped {name}:[/] {reason}")

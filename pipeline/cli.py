@@ -93,6 +93,33 @@ def _register_train_commands() -> None:
 _register_train_commands()
 
 
+@train_app.command("domain-guard")
+def train_domain_guard_command(
+    bundle: Path = typer.Option(..., help="bundle folder whose classifier the guard protects"),
+    data: Path = typer.Option(..., help="folder with manifest.csv: the classifier's training data"),
+    quantile: float = typer.Option(0.98, help="share of validation images that must pass (sets the threshold)"),
+    layers: str = typer.Option(None, help="comma-separated classifier modules (default: per architecture)"),
+    max_images: int = typer.Option(None, help="use at most N images per split (smoke tests)"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+) -> None:
+    """Fit and calibrate the bundle's domain guard (out-of-distribution score on the classifier's features)."""
+    from explainers.bundle import BundleError
+    from explainers.domain import DomainGuardError
+    from pipeline.datasets import DatasetError
+    from pipeline.training.domain_guard import train_domain_guard
+
+    try:
+        result = train_domain_guard(bundle=bundle, data=data, quantile=quantile, max_images=max_images,
+                                    layers=layers.split(",") if layers else None, device=device)
+    except (BundleError, DatasetError, DomainGuardError, ValueError) as exc:
+        console.print(f"[red]cannot calibrate the domain guard:[/] {exc}")
+        raise typer.Exit(2)
+    guard = result.spec.domain_guard
+    rates = guard.calibration["in_domain_rate"]
+    console.print(f"[green]wrote[/] {result.root / guard.statistics.file} — threshold {guard.threshold:.2f}; "
+                  "in domain: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+
+
 @app.command("explain")
 def explain_command(
     paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)"),
@@ -101,6 +128,9 @@ def explain_command(
     explainers: str = typer.Option(None, help="comma-separated methods, e.g. gradcam,ig,occlusion"),
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     batch_size: int = typer.Option(None, help="images per batch"),
+    out_of_domain: str = typer.Option(None, help="skip | warn: an image the bundle's domain guard rejects is "
+                                                 "skipped, or explained with a caution (default: config "
+                                                 "trust.out_of_domain, else warn)"),
     config: Path = typer.Option(None, help="YAML config (default: config/medxplain.yaml)"),
 ) -> None:
     """Explain radiographs; writes SC overlays, SEG, counterfactual SC and the SR per image."""
@@ -114,6 +144,12 @@ def explain_command(
     overrides = {"bundle": bundle, "device": device, "batch_size": batch_size,
                  "explainers": explainers.split(",") if explainers else None}
     cfg = _load(load_config, config, overrides)
+    if out_of_domain not in (None, "skip", "warn"):
+        console.print(f"[red]--out-of-domain must be skip or warn, got {out_of_domain!r}[/]")
+        raise typer.Exit(2)
+    if out_of_domain or cfg.trust.out_of_domain is None:
+        # Here a person asked for these files: unless told otherwise, explain with the caution.
+        cfg = cfg.model_copy(update={"trust": cfg.trust.model_copy(update={"out_of_domain": out_of_domain or "warn"})})
     files = expand_inputs(paths)
     if not files:
         console.print("[red]no input files found[/]")
@@ -140,12 +176,17 @@ def explain_command(
         table.add_column(column)
     failed = 0
     for o in outcomes:
-        if o.ok:
+        if o.ok and o.skipped:
+            r = o.result
+            table.add_row(o.path.name, f"{r.probability:.3f}", "[yellow]not explained[/]",
+                          *["—"] * len(cfg.explainers), "—", f"[yellow]{o.skipped}[/]")
+        elif o.ok:
             r = o.result
             cells = [f"{m.milliseconds / 1000:.2f} s" + ("" if m.flipped is None else
-                                                         (" flipped" if m.flipped else " NOT flipped"))
+                                                         (" flipped" if m.flipped else " did not flip"))
                      for m in r.methods]
-            table.add_row(o.path.name, f"{r.probability:.3f}", r.decision, *cells,
+            decision = r.decision + "".join(f"\n[yellow]{c}[/]" for c in r.cautions)
+            table.add_row(o.path.name, f"{r.probability:.3f}", decision, *cells,
                           f"{r.milliseconds / 1000:.2f} s", f"{o.folder} ({len(o.written)} files)")
         else:
             failed += 1
@@ -158,6 +199,42 @@ def explain_command(
             console.print(f"[yellow]{o.path.name}[/]: {', '.join(notes)}")
     if failed:
         console.print(f"[red]{failed} of {len(outcomes)} files failed[/]")
+        raise typer.Exit(1)
+
+
+@app.command("verify")
+def verify_command(
+    paths: list[Path] = typer.Argument(..., help="output folders or files of `medxplain explain` (SR + SCs)"),
+    bundle: Path = typer.Option(None, help="model bundle folder (default: config 'bundle')"),
+    tolerance: float = typer.Option(0.02, help="largest accepted |P(SC re-classified) - P(SR)|"),
+    config: Path = typer.Option(None, help="YAML config (default: config/medxplain.yaml)"),
+) -> None:
+    """Re-classify every written counterfactual SC and check it against what its SR reports."""
+    from rich.table import Table
+
+    from config import load_config
+    from explainers.bundle import Bundle, BundleError
+    from pipeline.verify import VerifyError, verify_outputs
+
+    cfg = _load(load_config, config, {"bundle": bundle})
+    try:
+        checks = verify_outputs(paths, Bundle.load(cfg.bundle_path()))
+    except (BundleError, VerifyError) as exc:
+        console.print(f"[red]cannot verify:[/] {exc}")
+        raise typer.Exit(2)
+    table = Table(title=f"counterfactual re-verification (tolerance {tolerance})")
+    for column in ("report", "method", "P(SR)", "P(SC re-classified)", "flipped (SR)", "flipped (SC)", "agrees"):
+        table.add_column(column)
+    bad = 0
+    for c in checks:
+        ok = c.agrees(tolerance)
+        bad += not ok
+        table.add_row(f"{c.report.parent.name}/{c.report.name}", c.method, f"{c.sr_counterfactual_probability:.3f}",
+                      c.reason or f"{c.reclassified:.3f}", str(c.sr_flipped), str(c.flipped),
+                      "[green]yes[/]" if ok else "[red]NO[/]")
+    console.print(table)
+    console.print(f"{len(checks) - bad} of {len(checks)} counterfactuals agree with their SR")
+    if bad:
         raise typer.Exit(1)
 
 

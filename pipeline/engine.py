@@ -23,11 +23,15 @@ from dicom_io.preprocess import InputSpec, Preprocessor
 from dicom_io.sc import counterfactual_sc, overlay_sc
 from dicom_io.seg import saliency_seg
 from dicom_io.source import SourceImage
-from dicom_io.sr import ExplainerRecord, audit_sr, report_uid
+from dicom_io.sr import DomainAssessment, ExplainerRecord, audit_sr, report_uid
 from explainers.base import Explainer, explainer_class
 from explainers.bundle import Bundle
+from explainers.domain import DomainGuard
 
 SOFTWARE_VERSION = package_version("medxplain")
+# Counterfactual SCs store round(value * 65535) (dicom_io.sc.counterfactual_sc): the
+# engine classifies exactly those values.
+COUNTERFACTUAL_LEVELS = 65535.0
 
 
 @dataclass
@@ -49,6 +53,9 @@ class ImageResult:
     methods: list[MethodResult]
     report: Dataset | None
     milliseconds: float
+    domain: DomainAssessment | None = None
+    cautions: list[str] = field(default_factory=list)
+    skipped: str | None = None  # "out_of_domain: ..." when the image was not explained (no outputs)
 
     def datasets(self) -> list[Dataset]:
         """Every object to deliver, the SR last (it references all the others)."""
@@ -65,18 +72,26 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def build_explainer(name: str, bundle: Bundle, parameters: dict) -> Explainer:
-    return explainer_class(name).from_bundle(bundle, **parameters)
+    """The method for this bundle; networks trained against another classifier are refused
+    (ClassifierMismatchError) unless the bundle was loaded with ``classifier_override``."""
+    cls = explainer_class(name)
+    if cls.bundle_section is not None:
+        bundle.check_classifier_binding(cls.bundle_section)
+    return cls.from_bundle(bundle, **parameters)
 
 
 class Engine:
     def __init__(self, config: MedxplainConfig):
         self.config = config
-        self.bundle = Bundle.load(config.bundle_path())
+        self.bundle = Bundle.load(config.bundle_path(),
+                                  classifier_override=config.trust.explainer_classifier_override)
         self.device = resolve_device(config.device)
         self.classifier = self.bundle.load_classifier(
             trusted_torchscript=tuple(config.trusted_torchscript), device=str(self.device))
         spec = self.bundle.spec
         self.preprocessor = Preprocessor(InputSpec(tuple(spec.input.size), spec.input.aspect))
+        # Before the explainers: a guard made for another classifier is refused here.
+        self.domain_guard = DomainGuard.from_bundle(self.bundle, self.classifier)
         self.explainers = [build_explainer(name, self.bundle, config.explainer_parameters.get(name, {}))
                            for name in config.explainers]
 
@@ -92,6 +107,12 @@ class Engine:
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
             return torch.sigmoid(self.classifier(batch.to(self.device)).float()).cpu()
+
+    def classify_display(self, displays: list[np.ndarray]) -> list[float]:
+        """P(positive) of display-space images (rows, cols) in [0, 1] at any size, through
+        the same preprocessing as a source image."""
+        batch = torch.stack([self.preprocessor(d).as_tensor() for d in displays])
+        return self.classify(batch).tolist()
 
     def context(self, settings_key: str) -> OutputContext:
         spec = self.bundle.spec
@@ -137,9 +158,56 @@ class Engine:
         t0 = time.perf_counter()
         batch = torch.stack([m.as_tensor() for m in model_inputs]).to(self.device)
         probability = self.classify(batch)
+        domains = self.assess_domain(batch)
         shared = (time.perf_counter() - t0) * 1000.0 / len(sources)
+        # Unset means skip: the worker's (PACS) default; `medxplain explain` sets warn.
+        skipped = [None if d is None or d.in_domain or self.config.trust.out_of_domain == "warn" else
+                   f"out_of_domain: domain score {d.score:.1f} > threshold {d.threshold:.1f} (the image is unlike "
+                   "the classifier's training data)" for d in domains]
+        keep = [i for i, reason in enumerate(skipped) if reason is None]
+        results: list[ImageResult | None] = [
+            None if reason is None else ImageResult(
+                source=sources[i], probability=float(probability[i]), decision=self.decision(float(probability[i])),
+                methods=[], report=None, milliseconds=own[i] + shared, domain=domains[i],
+                cautions=self.cautions(float(probability[i]), domains[i]), skipped=reason)
+            for i, reason in enumerate(skipped)]
+        if keep:
+            explained = self._explain_batch([sources[i] for i in keep], [positions[i] for i in keep],
+                                            [model_inputs[i] for i in keep], batch[keep], probability[keep],
+                                            [domains[i] for i in keep], [own[i] for i in keep], shared)
+            for i, result in zip(keep, explained):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def assess_domain(self, batch: torch.Tensor) -> list[DomainAssessment | None]:
+        """The bundle's domain guard on a model-space batch; None per image without a guard."""
+        if self.domain_guard is None:
+            return [None] * batch.shape[0]
+        with torch.no_grad():
+            result = self.domain_guard(batch)
+        return [DomainAssessment(score=float(s), threshold=result.threshold, in_domain=bool(ok))
+                for s, ok in zip(result.score, result.in_domain)]
+
+    def cautions(self, probability: float, domain: DomainAssessment | None) -> list[str]:
+        """Plain-language warnings for the overlay and the SR."""
+        out = []
+        if domain is not None and not domain.in_domain:
+            out.append(f"out of domain: unlike the classifier's training data (score {domain.score:.1f} > "
+                       f"{domain.threshold:.1f}); the result may not apply")
+        threshold = self.bundle.spec.task.threshold
+        if abs(probability - threshold) < self.config.trust.low_confidence_margin:
+            out.append(f"low confidence (near threshold): P={probability:.2f}, threshold {threshold:.2f}")
+        for method, trained in sorted(self.bundle.binding_overrides.items()):
+            out.append(f"research override: {method} was trained against another classifier "
+                       f"(sha256 {trained[:12]})")
+        return out
+
+    def _explain_batch(self, sources: list[SourceImage], positions: list[int], model_inputs: list,
+                       batch: torch.Tensor, probability: torch.Tensor, domains: list[DomainAssessment | None],
+                       own: list[float], shared: float) -> list[ImageResult]:
         per_image: list[list[MethodResult]] = [[] for _ in sources]
         records: list[list[ExplainerRecord]] = [[] for _ in sources]
+        cautions = [self.cautions(float(probability[i]), domains[i]) for i in range(len(sources))]
         outputs = self.config.outputs
         for index, explainer in enumerate(self.explainers):
             t0 = time.perf_counter()
@@ -152,7 +220,8 @@ class Engine:
             for i, source in enumerate(sources):
                 t0 = time.perf_counter()
                 result = self._write_method(source, model_inputs[i], explainer, explanation, i,
-                                            float(probability[i]), context, series, ms_each, positions[i])
+                                            float(probability[i]), context, series, ms_each, positions[i],
+                                            cautions[i])
                 written = (time.perf_counter() - t0) * 1000.0
                 result.milliseconds += written
                 own[i] += written
@@ -172,32 +241,44 @@ class Engine:
                 report = audit_sr(source=source, records=records[i], context=self.report_context(),
                                   series_number=outputs.first_series_number,
                                   finding_name=self.bundle.spec.task.finding,
-                                  total_processing_ms=own[i] + shared, instance_number=positions[i])
+                                  total_processing_ms=own[i] + shared, instance_number=positions[i],
+                                  domain=domains[i], cautions=cautions[i])
             own[i] += (time.perf_counter() - t0) * 1000.0
             results.append(ImageResult(source=source, probability=float(probability[i]),
                                        decision=self.decision(float(probability[i])), methods=per_image[i],
-                                       report=report, milliseconds=own[i] + shared))
+                                       report=report, milliseconds=own[i] + shared, domain=domains[i],
+                                       cautions=cautions[i]))
         return results
 
     def _write_method(self, source: SourceImage, model_input, explainer: Explainer, explanation, i: int,
                       probability: float, context: OutputContext, series: int, ms_each: float,
-                      position: int) -> MethodResult:
+                      position: int, cautions: list[str]) -> MethodResult:
         outputs = self.config.outputs
         task = self.bundle.spec.task
         checks = dict(explanation.checks[i])
         saliency = np.clip(self.preprocessor.to_source(model_input, explanation.saliency[i].float().cpu()), 0, 1)
         result = MethodResult(method=explainer.name, milliseconds=ms_each, checks=checks)
+        section = explainer.bundle_section
+        if section in self.bundle.binding_overrides:
+            checks["classifier_binding"] = (
+                f"research override: trained against classifier sha256 {self.bundle.binding_overrides[section]}, "
+                f"used with {self.bundle.spec.classifier.weights.sha256}")
         if explanation.counterfactuals is not None:
-            path_prob = explanation.path_probability[i].float().cpu().tolist()
+            # Residual trick: the source plus the upsampled model-space change, so the
+            # generator's resolution never blurs the patient's image.
+            steps = explanation.counterfactuals[i, :, 0].float().cpu()
+            differences = self.preprocessor.to_source(model_input, steps - model_input.as_tensor().cpu())
+            images = [np.round(np.clip(source.display + d, 0.0, 1.0) * COUNTERFACTUAL_LEVELS)
+                      / COUNTERFACTUAL_LEVELS for d in differences]
+            # What is reported is the classifier on the images as written (the SC's stored
+            # values, mapped back to model space), so that `medxplain verify` re-derives it;
+            # the generator's own model-space result is kept as a check.
+            path_prob = self.classify_display(images)
+            checks["model_space_counterfactual_probability"] = float(explanation.path_probability[i, -1])
             result.counterfactual_probability = float(path_prob[-1])
             result.flipped = (path_prob[-1] >= task.threshold) != (probability >= task.threshold)
             checks["flipped"] = result.flipped
             if outputs.counterfactual:
-                # Residual trick: the source plus the upsampled model-space change, so the
-                # generator's resolution never blurs the patient's image.
-                steps = explanation.counterfactuals[i, :, 0].float().cpu()
-                differences = self.preprocessor.to_source(model_input, steps - model_input.as_tensor().cpu())
-                images = [np.clip(source.display + d, 0.0, 1.0) for d in differences]
                 result.datasets += counterfactual_sc(
                     source=source, images=images, path_probability=path_prob, method=explainer.name,
                     context=context, series_number=series + 2, positive_label=task.positive_label,
@@ -207,7 +288,7 @@ class Engine:
                 source=source, saliency=saliency, method=explainer.name, probability=probability,
                 decision=self.decision(probability), counterfactual_probability=result.counterfactual_probability,
                 flipped=result.flipped, context=context, series_number=series + 1,
-                positive_label=task.positive_label, instance_number=position))
+                positive_label=task.positive_label, instance_number=position, cautions=tuple(cautions)))
         mask = most_salient_region(saliency, outputs.segmentation_top_fraction)
         result.salient_region = mask if mask.any() else None
         if outputs.segmentation:

@@ -18,6 +18,7 @@ class FileOutcome:
     path: Path
     result: ImageResult | None = None
     error: str | None = None  # "reason: message" when the file failed or was skipped
+    skipped: str | None = None  # "reason: message" when the engine declined it (e.g. out_of_domain)
     written: list[Path] = field(default_factory=list)
     folder: Path | None = None
 
@@ -80,8 +81,11 @@ def explain_paths(engine: Engine, paths: list[Path], out: Path,
                     on_file(outcome)
                 continue
             outcome.result = result
-            outcome.folder = output_folder(out, result.source)
-            outcome.written = write_result(result, outcome.folder)
+            if result.skipped:  # not explained (e.g. out_of_domain): the reason, no outputs
+                outcome.skipped = result.skipped
+            else:
+                outcome.folder = output_folder(out, result.source)
+                outcome.written = write_result(result, outcome.folder)
             if on_file:
                 on_file(outcome)
         pending.clear()

@@ -626,6 +626,11 @@ class Worker:
     def _flush(self, state: _JobState, key: tuple, engine: "Engine") -> None:
         sources = state.pending.pop(key)
         results = self._explain(state, engine, sources)
+        for result in results:
+            if result.skipped:  # e.g. out_of_domain: the typed reason goes to the audit, nothing is written
+                state.audit.skipped[result.skipped.split(":", 1)[0]] += 1
+                logger.info("job %s: an image was not explained: %s", state.job.id[:8], result.skipped)
+        results = [r for r in results if not r.skipped]
         for delivery in state.deliveries:  # the one that tells "already done" comes last
             state.audit.stored[delivery.name] += delivery.deliver(results)
         state.audit.explained += len(results)

@@ -63,7 +63,8 @@ def _write_bundle(root: Path, network: nn.Module) -> Bundle:
     decoder = save_weights({"w": torch.arange(6.0).reshape(2, 3)}, root / "gvr_decoder.safetensors")
     spec = _spec(
         ClassifierSpec(architecture="monai.DenseNet", parameters=dict(TINY), weights=ref),
-        explainers={"gvr": ExplainerSpec(parameters={"latent": 16}, weights={"decoder": decoder})},
+        explainers={"gvr": ExplainerSpec(parameters={"latent": 16}, weights={"decoder": decoder},
+                                         classifier_sha256=ref.sha256)},
     )
     bundle = Bundle(root, spec, sha256="")
     bundle.save_spec()

@@ -245,6 +245,7 @@ def test_explain_writes_the_path_as_valid_dicom(tmp_path, shared_dicom_files):
     bundle = Bundle.load(bundle_copy(tmp_path))
     generator = randomised(ConditionalGenerator(widths=TINY, size=64))
     bundle.spec.explainers["exaggeration"] = ExplainerSpec(
+        classifier_sha256=bundle.spec.classifier.weights.sha256,
         parameters={"network": generator.config(), "steps": 4},
         weights={"generator": save_weights(generator, bundle.root / "exaggeration_generator.safetensors")})
     bundle.save_spec()

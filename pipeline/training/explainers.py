@@ -22,7 +22,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dicom_io.preprocess import InputSpec
-from explainers.bundle import Bundle, ExplainerSpec, save_weights
+from explainers.bundle import Bundle, BundleError, ExplainerSpec, save_weights
 from explainers.training import Trainer, TrainingSettings, bundle_trainers, fit
 from pipeline.datasets import Split, load_splits
 
@@ -64,6 +64,10 @@ def add_explainer(root: Path, name: str, spec: ExplainerSpec) -> Bundle:
     # Not verified here: a re-trained explainer's new weights no longer match its old
     # pin; everything is verified on the load below, once the new pin is written.
     bundle = Bundle.load(root, verify=False)
+    if spec.classifier_sha256 != bundle.spec.classifier.weights.sha256:
+        raise BundleError(f"{root}: {name} was trained against classifier sha256 {spec.classifier_sha256}, but "
+                          f"the bundle's classifier is now {bundle.spec.classifier.weights.sha256} (replaced "
+                          "during training?): not written")
     bundle.spec.explainers[name] = spec
     bundle.save_spec()
     return Bundle.load(root)
@@ -119,6 +123,7 @@ def train_explainer_bundle(method: str, *, bundle: Path, data: Path, settings: T
     if hasattr(s, "discriminator_learning_rate"):
         optimiser["discriminator_learning_rate"] = s.discriminator_learning_rate
     section = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
         parameters=trainer.bundle_parameters(),
         weights=weights,
         training={
