@@ -46,6 +46,7 @@ __all__ = [
     "is_medxplain_output",
     "contributing_equipment",
     "series_description",
+    "source_label",
     "finalize_output",
     "source_pixel_spacing",
     "check_source",
@@ -187,12 +188,27 @@ def is_medxplain_output(ds: Any) -> bool:
     return False
 
 
-def series_description(kind: str, method: str | None = None) -> str:
-    """``"MEDXPLAIN <KIND> <method>"``, truncated to the 64 characters of LO."""
+def series_description(kind: str, method: str | None = None, of_source: str | None = None) -> str:
+    """``"MEDXPLAIN <KIND> <method>[ of <source>]"``, truncated to the 64 characters of LO."""
     text = f"{SERIES_DESCRIPTION_PREFIX} {kind.upper()}"
     if method:
         text += f" {method}"
+    if of_source:
+        text += f" of {of_source}"
     return text[:_LO_MAX]
+
+
+def source_label(ds: "Dataset") -> str:
+    """Short human label of a source image for descriptions: ``"CR series 3 image 1"``."""
+    from dicom_io.patient_study import valid_value
+
+    modality, series, instance = (valid_value(ds, k) for k in ("Modality", "SeriesNumber", "InstanceNumber"))
+    parts = [str(modality or "image")]
+    if series is not None:
+        parts.append(f"series {series}")
+    if instance is not None:
+        parts.append(f"image {instance}")
+    return " ".join(parts)
 
 
 def contributing_equipment(context: OutputContext, *, description: str) -> "ContributingEquipment":
@@ -245,8 +261,13 @@ def finalize_output(
     context: OutputContext,
     kind: str,
     method: str | None,
+    of_source: str | None = None,
 ) -> "Dataset":
-    """Set the attributes every medxplain object shares (in place); returns ``target``."""
+    """Set the attributes every medxplain object shares (in place); returns ``target``.
+
+    ``of_source`` names the source in SeriesDescription, for the kinds written one
+    series per source image (SEG, SR: OHIF 3.13 shows only the last instance of a
+    SEG or SR series)."""
     target.Manufacturer = context.manufacturer
     target.ManufacturerModelName = MODEL_NAME
     target.SoftwareVersions = context.software_version
@@ -255,7 +276,7 @@ def finalize_output(
         target.InstitutionName = context.institution_name
         if context.institutional_department_name is not None:
             target.InstitutionalDepartmentName = context.institutional_department_name
-    target.SeriesDescription = series_description(kind, method)
+    target.SeriesDescription = series_description(kind, method, of_source)
     from dicom_io.patient_study import copy_series_attributes, valid_value
 
     copy_series_attributes(target, source)

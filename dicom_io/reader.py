@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom.uid as uids
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
@@ -56,6 +57,12 @@ from dicom_io.errors import (
 from dicom_io.source import SourceImage
 
 logger = logging.getLogger(__name__)
+
+# pydicom's read-time validation (WARN by default) logs and warns with the offending
+# *value* ("Invalid value for VR DA: '...'"), which puts patient data in our logs.
+# Header values are judged by dicom_io.patient_study instead, which names the
+# attribute and never its value.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 # Largest accepted matrix. The biggest real projection detectors are about
 # 4,300 x 5,300 (large-field mammography); 16,384 per side and 64 Mpx (256 MiB

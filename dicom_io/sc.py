@@ -26,14 +26,15 @@ from dicom_io.output import (
     finalize_output,
     series_description,
     source_image_item,
+    source_label,
     source_pixel_spacing,
 )
 from dicom_io.overlay import NOT_FOR_DIAGNOSTIC_USE, render_overlay
-from dicom_io.patient_study import valid_value, writer_reference
+from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
 from dicom_io.uids import instance_uid, series_uid
 
-__all__ = ["overlay_sc", "counterfactual_sc", "source_label", "OVERLAY_KIND", "COUNTERFACTUAL_KIND"]
+__all__ = ["overlay_sc", "counterfactual_sc", "OVERLAY_KIND", "COUNTERFACTUAL_KIND"]
 
 OVERLAY_KIND = "overlay"
 COUNTERFACTUAL_KIND = "counterfactual"
@@ -227,17 +228,6 @@ def overlay_sc(
     )[:1024]
     sc.ImageComments = f"{method} saliency overlay of {of_source}; {summary}; {NOT_FOR_DIAGNOSTIC_USE}"[:10240]
     return sc
-
-
-def source_label(ds: Dataset) -> str:
-    """Short human label of a source image for descriptions: ``"CR series 3 image 1"``."""
-    modality, series, instance = (valid_value(ds, k) for k in ("Modality", "SeriesNumber", "InstanceNumber"))
-    parts = [str(modality or "image")]
-    if series is not None:
-        parts.append(f"series {series}")
-    if instance is not None:
-        parts.append(f"image {instance}")
-    return " ".join(parts)
 
 
 def counterfactual_sc(

@@ -70,6 +70,7 @@ from dicom_io.output import (
     contributing_equipment,
     finalize_output,
     series_description,
+    source_label,
     source_pixel_spacing,
 )
 from dicom_io.patient_study import writer_reference
@@ -266,10 +267,12 @@ def saliency_seg(
             pixel_array=m,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
+            # One series per source image: OHIF 3.13 shows only the last SEG of a series.
             series_instance_uid=series_uid(
                 source_study_instance_uid=ds.StudyInstanceUID,
                 settings_key=context.settings_key,
                 kind=SEG_KIND,
+                extra=str(ds.SOPInstanceUID),
             ),
             series_number=series_number,
             sop_instance_uid=instance_uid(
@@ -290,7 +293,7 @@ def saliency_seg(
             contributing_equipment=[
                 contributing_equipment(context, description=f"saliency segmentation ({method})")
             ],
-            series_description=series_description(SEG_KIND, method),
+            series_description=series_description(SEG_KIND, method, source_label(ds)),
             pixel_measures=hd.PixelMeasuresSequence(
                 pixel_spacing=geometry.pixel_spacing,
                 slice_thickness=geometry.slice_thickness,
@@ -299,5 +302,5 @@ def saliency_seg(
         )
     if "PositionReferenceIndicator" not in seg:
         seg.PositionReferenceIndicator = None  # Type 2 (Frame of Reference module)
-    finalize_output(seg, source=ds, context=context, kind=SEG_KIND, method=method)
+    finalize_output(seg, source=ds, context=context, kind=SEG_KIND, method=method, of_source=source_label(ds))
     return seg

@@ -75,6 +75,7 @@ from dicom_io.output import (
     header_only,
     is_medxplain_output,
     series_description,
+    source_label,
 )
 from dicom_io.patient_study import writer_reference
 from dicom_io.source import SourceImage
@@ -678,10 +679,12 @@ def audit_sr(
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
             content=report[0],
+            # One series per source image: OHIF 3.13 shows only the last SR of a series.
             series_instance_uid=series_uid(
                 source_study_instance_uid=src.StudyInstanceUID,
                 settings_key=context.settings_key,
                 kind=SR_KIND,
+                extra=str(src.SOPInstanceUID),
             ),
             series_number=series_number,
             sop_instance_uid=report_uid(
@@ -699,7 +702,7 @@ def audit_sr(
             record_evidence=True,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[contributing_equipment(context, description="explanation audit report")],
-            series_description=series_description(SR_KIND, "audit"),
+            series_description=series_description(SR_KIND, "audit", source_label(src)),
             manufacturer_model_name="medxplain",
             software_versions=context.software_version,
             coding_schemes=[
@@ -710,5 +713,6 @@ def audit_sr(
                 )
             ],
         )
-    finalize_output(sr, source=source.dataset, context=context, kind=SR_KIND, method="audit")
+    finalize_output(sr, source=source.dataset, context=context, kind=SR_KIND, method="audit",
+                    of_source=source_label(src))
     return sr

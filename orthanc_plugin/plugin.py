@@ -40,7 +40,8 @@ series and instances, download instance files, store results, look up UIDs.
 Configuration: the "Medxplain" section (written by pipeline/orthanc_launcher.py):
 ProjectRoot, QueuePath, MaxAttempts, BackoffSeconds, BackoffMaxSeconds,
 UnavailableDeadAfterSeconds, ReconcileSeconds, WorkerUser, StartWorker,
-WorkerCommand, WorkerEnv, WorkerLog, WorkerPidFile.
+WorkerCommand, WorkerEnv, WorkerLog, WorkerPidFile; ViewerFolder and ViewerPrefix
+(optional: a prepared OHIF app served under that prefix, see orthanc_plugin/viewer.py).
 """
 import json
 import os
@@ -394,6 +395,28 @@ def _setup():
         orthanc.RegisterRestCallback("/medxplain/jobs/([0-9a-f]+)/retry", _rest(rest_retry))
     except Exception:
         orthanc.LogError("medxplain: cannot register the REST routes: %s" % traceback.format_exc(limit=4))
+    if CFG.get("ViewerFolder"):
+        _serve_viewer(CFG["ViewerFolder"], CFG.get("ViewerPrefix") or "/ohif")
+
+
+def _serve_viewer(folder, prefix):
+    """OHIF (or any single-page app) under ``prefix`` on Orthanc's own origin and authentication."""
+    try:
+        from orthanc_plugin.viewer import StaticApp
+
+        app = StaticApp(folder, prefix)
+
+        def serve(output, uri, **request):
+            try:
+                app.answer(output, uri, **request)
+            except Exception:
+                orthanc.LogError("medxplain: viewer %s failed: %s" % (uri, traceback.format_exc(4)))
+                output.SendHttpStatusCode(500)
+
+        orthanc.RegisterRestCallback(app.route, serve)
+        orthanc.LogWarning("medxplain: serving %s under %s/" % (app.folder, app.prefix))
+    except Exception:
+        orthanc.LogError("medxplain: viewer not served: %s" % traceback.format_exc(limit=4))
 
 
 _setup()

@@ -36,6 +36,9 @@ def orthanc_command(
     no_worker: bool = typer.Option(False, "--no-worker", help="do not start the worker from Orthanc (run "
                                                                "`medxplain worker --config DIR/medxplain.yaml` "
                                                                "yourself, e.g. as a service)"),
+    viewer: bool = typer.Option(True, "--viewer/--no-viewer",
+                                help="serve OHIF under /ohif/ from this Orthanc (DICOMweb plugin; the app "
+                                     "installed by scripts/install.sh)"),
     foreground: bool = typer.Option(False, "--foreground", help="stay attached; Ctrl-C stops Orthanc"),
     stop: bool = typer.Option(False, "--stop", help="stop the Orthanc (and worker) of --data"),
     status: bool = typer.Option(False, "--status", help="say whether Orthanc runs on --data"),
@@ -59,7 +62,7 @@ def orthanc_command(
         data=data, http_port=http_port or launcher.DEFAULT_HTTP_PORT,
         dicom_port=dicom_port or launcher.DEFAULT_DICOM_PORT, aet=aet, stable_age=stable_age,
         start_worker=not no_worker, allowed_aets=tuple(allow_aet or launcher.DEFAULT_ALLOWED_AETS),
-        base_config=config, worker_overrides=overrides)
+        base_config=config, worker_overrides=overrides, viewer=viewer)
     from config import ConfigError
 
     import time
@@ -86,6 +89,7 @@ def orthanc_command(
               f"(with {launcher.PASSWORD_ENV} set to the '{launcher.WORKER_USER}' password)")
     typer.echo(f"""Orthanc is running (pid {proc.pid}) with the medxplain plugin.
   Web UI:        {settings.url}/app/explorer.html
+  OHIF viewer:   {settings.url + "/ohif/" if viewer else "off (--no-viewer)"}
   Credentials:   {p['credentials']} (user '{launcher.ADMIN_USER}'; the worker uses '{launcher.WORKER_USER}')
   DICOM:         AET {settings.aet}, port {settings.dicom_port}, from 127.0.0.1 with calling AET \
 {', '.join(settings.allowed_aets)}

@@ -40,6 +40,12 @@ ORTHANC_BINARY = Path(os.environ.get("MEDXPLAIN_ORTHANC_BINARY", "/usr/sbin/Orth
 PYTHON_PLUGIN = Path(os.environ.get("MEDXPLAIN_ORTHANC_PYTHON_PLUGIN",
                                     "/usr/share/orthanc/plugins/libOrthancPython.so"))
 PLUGIN_SCRIPT = PROJECT_ROOT / "orthanc_plugin" / "plugin.py"
+# Optional Debian plugins, loaded when installed: DICOMweb (orthanc-dicomweb; OHIF reads
+# through it) and the Orthanc Web Viewer (orthanc-webviewer).
+DICOMWEB_PLUGIN = Path(os.environ.get("MEDXPLAIN_ORTHANC_DICOMWEB_PLUGIN",
+                                      "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))
+WEBVIEWER_PLUGIN = Path(os.environ.get("MEDXPLAIN_ORTHANC_WEBVIEWER_PLUGIN",
+                                       "/usr/share/orthanc/plugins/libOrthancWebViewer.so"))
 WORKER_USER = "medxplain"
 ADMIN_USER = "admin"
 PASSWORD_ENV = "MEDXPLAIN_ORTHANC_PASSWORD"
@@ -70,6 +76,9 @@ class OrthancSettings:
     plugin_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the "Medxplain" section
     reconcile_s: float = 30.0  # the plugin's reconciliation period (marks, stable studies, queue probe)
     queue_file: Path | None = None  # default DIR/queue.db (e.g. a separate file system)
+    # Serve OHIF under /ohif/ (needs the DICOMweb plugin and the app prepared by scripts/install.sh);
+    # `medxplain orthanc` turns it on unless --no-viewer.
+    viewer: bool = False
 
     def __post_init__(self) -> None:
         self.data = Path(self.data).resolve()
@@ -184,8 +193,34 @@ def write_configs(settings: OrthancSettings) -> dict[str, Any]:
         },
     }
     orthanc_cfg["Medxplain"].update(settings.plugin_overrides)
+    _add_viewers(orthanc_cfg, settings)
     _write_private(p["config"], json.dumps(orthanc_cfg, indent=2) + "\n")
     return orthanc_cfg
+
+
+def _add_viewers(orthanc_cfg: dict[str, Any], settings: OrthancSettings) -> None:
+    """DICOMweb and the Orthanc Web Viewer when their Debian plugins are installed; OHIF
+    (served by the medxplain plugin under /ohif/, same origin and authentication) when
+    ``settings.viewer`` and the app is prepared."""
+    from pipeline.viewer import OHIF_PREFIX, installed, ohif_folder
+
+    if DICOMWEB_PLUGIN.exists():
+        orthanc_cfg["Plugins"].append(str(DICOMWEB_PLUGIN))
+        orthanc_cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                   "WadoRoot": "/wado", "Ssl": False,
+                                   # OHIF reads SR content and SEG geometry from the metadata
+                                   "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+    if WEBVIEWER_PLUGIN.exists():
+        orthanc_cfg["Plugins"].append(str(WEBVIEWER_PLUGIN))
+        orthanc_cfg["WebViewer"] = {"CachePath": str(settings.data / "webviewer-cache")}
+    if settings.viewer:
+        if not DICOMWEB_PLUGIN.exists():
+            raise OrthancError(f"OHIF needs Orthanc's DICOMweb plugin, not found at {DICOMWEB_PLUGIN} "
+                               "(Debian package 'orthanc-dicomweb'; or start without the viewer)")
+        if not installed():
+            raise OrthancError(f"OHIF is not installed in {ohif_folder()} (run scripts/install.sh; "
+                               "or start without the viewer)")
+        orthanc_cfg["Medxplain"].update(ViewerFolder=str(ohif_folder()), ViewerPrefix=OHIF_PREFIX.rstrip("/"))
 
 
 def _alive(pid: int, needle: bytes) -> bool:

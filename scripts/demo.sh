@@ -11,7 +11,10 @@
 # Each run starts with an empty out/demo/orthanc (storage, queue, credentials).
 # Settings: MEDXPLAIN_DEMO_OUT (out/demo), MEDXPLAIN_DEMO_HTTP_PORT (8043),
 # MEDXPLAIN_DEMO_DICOM_PORT (4243), MEDXPLAIN_DEMO_EXPLAINERS (gradcam,ig,occlusion),
-# MEDXPLAIN_DEMO_TIMEOUT (seconds to wait for results, 900).
+# MEDXPLAIN_DEMO_PACS_EXPLAINERS (gradcam,sagen,gvr: a baseline, an amortised generative
+# method and a per-image search), MEDXPLAIN_DEMO_TIMEOUT (seconds to wait for results, 900).
+# The end: per study a link that opens it in OHIF served by the same Orthanc, and OHIF
+# screenshots of every medxplain series in $OUT/screenshots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${MEDXPLAIN_DEMO_OUT:-out/demo}
@@ -19,6 +22,7 @@ DATA="$OUT/orthanc"
 HTTP_PORT=${MEDXPLAIN_DEMO_HTTP_PORT:-8043}
 DICOM_PORT=${MEDXPLAIN_DEMO_DICOM_PORT:-4243}
 EXPLAINERS=${MEDXPLAIN_DEMO_EXPLAINERS:-gradcam,ig,occlusion}
+PACS_EXPLAINERS=${MEDXPLAIN_DEMO_PACS_EXPLAINERS:-gradcam,sagen,gvr}
 TIMEOUT=${MEDXPLAIN_DEMO_TIMEOUT:-900}
 MEDXPLAIN=.venv/bin/medxplain
 
@@ -39,7 +43,7 @@ echo "== 2. In the PACS: Orthanc + medxplain plugin + worker =="
 $MEDXPLAIN orthanc --stop --data "$DATA" >/dev/null
 rm -rf "$DATA"
 $MEDXPLAIN orthanc --data "$DATA" --http-port "$HTTP_PORT" --dicom-port "$DICOM_PORT" --stable-age 2 \
-  --explainers "$EXPLAINERS"
+  --explainers "$PACS_EXPLAINERS"
 
 stop_orthanc() {
   if [ "${MEDXPLAIN_DEMO_KEEP:-0}" != "1" ]; then
@@ -56,8 +60,9 @@ echo "Sending the demo studies with storescu ..."
 # so that every file is sent as it is, without conversion.
 storescu -aet STORESCU -aec ORTHANC -xy 127.0.0.1 "$DICOM_PORT" "$OUT"/input/*.dcm
 
-echo "Waiting for the results (StableAge 2 s, then the worker runs $EXPLAINERS on the CPU/GPU) ..."
-.venv/bin/python - "$DATA" "$HTTP_PORT" "$TIMEOUT" "$OUT/input" <<'PY'
+echo "Waiting for the results (StableAge 2 s, then the worker runs $PACS_EXPLAINERS on the CPU/GPU) ..."
+status=0
+.venv/bin/python - "$DATA" "$HTTP_PORT" "$TIMEOUT" "$OUT/input" "$OUT/study_uids.txt" <<'PY' || status=$?
 import hashlib
 import json
 import sys
@@ -67,8 +72,10 @@ from pathlib import Path
 import pydicom
 
 from pipeline import orthanc_launcher as launcher
+from pipeline.viewer import study_url
 
 data, port, timeout, inputs = Path(sys.argv[1]).resolve(), int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
+uid_list = Path(sys.argv[5])
 url = f"http://127.0.0.1:{port}"
 password = launcher.credentials(data)["users"][launcher.ADMIN_USER]
 
@@ -107,6 +114,7 @@ for sid in studies:
     job = jobs[sid]
     print(f"  study {sid[:17]}…  {study['MainDicomTags'].get('StudyDescription', '')!r}: job {job['state']}"
           + (f" — {job['last_error']}" if job["state"] == "dead" else ""))
+    print(f"    open in OHIF: {study_url(url, study['MainDicomTags']['StudyInstanceUID'])}")
     # A study may have had several jobs (a re-sent image re-fires it); add them up.
     done = [j["result"] for j in listed if j["study"] == sid and j.get("result")]
     explained = sum(r["instances"]["explained"] for r in done)
@@ -122,12 +130,26 @@ for sid in studies:
         if str(tags.get("SeriesDescription", "")).upper().startswith("MEDXPLAIN"):
             print(f"    {tags.get('Modality', '?'):3s} {tags.get('SeriesDescription')}: "
                   f"{len(series['Instances'])} instance(s)")
+uid_list.write_text("".join(get(f"/studies/{sid}")["MainDicomTags"]["StudyInstanceUID"] + "\n"
+                           for sid in studies))
 counts = get("/medxplain/jobs?limit=1")["counts"]
 print()
 print(f"Jobs: {counts}")
-print(f"See them in Orthanc's web interface: {url}/app/explorer.html")
+print(f"See them in OHIF:   {url}/ohif/  (the links above open each study)")
+print(f"or in Orthanc's web interface: {url}/app/explorer.html")
 print(f"  user '{launcher.ADMIN_USER}', password in {data}/credentials.json")
 print(f"Job queue as JSON:  {url}/medxplain/jobs   (same credentials)")
 print(f"Audit log:          {data}/audit.jsonl")
 sys.exit(1 if counts["dead"] else 0)
 PY
+
+if [ -x /usr/bin/chromium ] && [ -s "$OUT/study_uids.txt" ]; then
+  echo
+  echo "OHIF screenshots of every medxplain series (Debian's Chromium via Playwright):"
+  rm -rf "$OUT/screenshots"
+  # shellcheck disable=SC2046
+  .venv/bin/python scripts/viewer_screenshots.py "http://127.0.0.1:$HTTP_PORT" \
+    "$(.venv/bin/python -c "from pipeline.orthanc_launcher import credentials; import sys; print(credentials(sys.argv[1])['users']['admin'])" "$DATA")" \
+    "$OUT/screenshots" $(cat "$OUT/study_uids.txt")
+fi
+exit $status

@@ -68,6 +68,37 @@ def test_case(name, cases_dir, engine, tmp_path):
                    and pydicom.dcmread(p, stop_before_pixels=True).SamplesPerPixel == 3)
     if not overlay.get("BodyPartExamined"):
         assert "Laterality" in overlay  # Type 2C: present (empty = unknown) without a body part
+    viewer = _viewer_display(cases_dir / name, tmp_path)
+    if viewer is not None:
+        # The overlay's grey (where no saliency colour lies over it) is what a viewer shows.
+        from dicom_io.overlay import MIN_OVERLAY_WIDTH, overlay_bands
+
+        rows, cols = viewer.shape
+        factor = -(-MIN_OVERLAY_WIDTH // cols) if cols < MIN_OVERLAY_WIDTH else 1  # small sources are enlarged
+        top, _ = overlay_bands(rows * factor, cols * factor)
+        picture = overlay.pixel_array[top:top + rows * factor:factor, ::factor].astype(np.float32) / 255.0
+        grey = (picture[..., 0] == picture[..., 1]) & (picture[..., 1] == picture[..., 2])
+        assert grey.sum() > 1000  # enough uncoloured pixels to compare (Grad-CAM colours much of it)
+        assert _correlation(picture[..., 0][grey], viewer[grey]) > 0.9
+
+
+def _viewer_display(path, tmp_path) -> np.ndarray | None:
+    """The source as dcmtk's renderer (dcmj2pnm, as used by dcmtk-based viewers) shows it:
+    the header's first VOI LUT or window, else min-max; Presentation LUT Shape applied."""
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    if shutil.which("dcmj2pnm") is None:
+        return None
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    voi = ["+Wl", "1"] if "VOILUTSequence" in ds else ["+Wi", "1"] if "WindowCenter" in ds else ["+Wm"]
+    png = tmp_path / "viewer.png"
+    proc = subprocess.run(["dcmj2pnm", "+on", *voi, str(path), str(png)], capture_output=True, timeout=120)
+    if proc.returncode != 0 or not png.exists():
+        return None  # dcmtk cannot render it (e.g. the one-sample YBR JPEG): nothing to compare with
+    return np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255.0
 
 
 @pytest.fixture(scope="module")

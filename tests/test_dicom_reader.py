@@ -413,3 +413,21 @@ def test_a_damaged_uid_that_swallowed_the_patient_name_is_not_printed(derived, t
     message = str(caught.value)
     assert "damaged.dcm" in message and "<damaged UID>" in message
     assert not any(identifier in message for identifier in PATIENT_IDENTIFIERS), message
+
+
+def test_invalid_header_values_are_never_echoed_into_logs(tmp_path: Path, caplog, recwarn) -> None:
+    """pydicom's own validation would log "Invalid value for VR DA: '<value>'": patient data in the log."""
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "siim_cr_chest_jpeg_baseline.dcm"
+    if not source.exists():
+        pytest.skip("shared DICOM files not present")
+    ds = pydicom.dcmread(source)
+    secret = "SECRETVALUE7"
+    ds.PatientBirthDate = secret  # wrong DA form, as a de-identifier that writes a hash leaves it
+    ds.StudyTime = secret
+    target = tmp_path / "bad_values.dcm"
+    ds.save_as(target)
+    with caplog.at_level(logging.DEBUG):
+        image = read_radiograph(target)
+    assert image.display.size > 0
+    assert not any(secret in record.getMessage() for record in caplog.records)
+    assert not any(secret in str(warning.message) for warning in recwarn)
