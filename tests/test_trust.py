@@ -202,3 +202,23 @@ def test_train_domain_guard_writes_a_pinned_calibrated_guard(tmp_path, kermany_d
     assert guard.layers == ["features.transition3", "features.denseblock4"]
     assert guard.calibration["in_domain_rate"]["val"] >= 0.75 and guard.threshold > 0  # 0.9 quantile of ~6 images
     assert "domain_guard.statistics" in bundle.verify()
+
+
+def test_the_pacs_worker_skips_out_of_domain_with_the_reason_in_the_audit(tmp_path, cr_jpeg):
+    import shutil
+
+    from pipeline.audit import AuditLog
+    from pipeline.worker import Worker, open_queue
+    from tests.test_worker import make_config
+
+    cfg = make_config(tmp_path, DEMO_BUNDLE)  # trust.out_of_domain unset: the PACS default, skip
+    queue = open_queue(cfg)
+    spool = tmp_path / "spool" / "study-1"
+    spool.mkdir(parents=True)
+    shutil.copy(cr_jpeg, spool / "1.dcm")
+    out = tmp_path / "out"
+    queue.enqueue("dicom:study-1", {"kind": "folder", "folder": str(spool), "deliver": "folder", "out": str(out)})
+    assert Worker(cfg, queue, "w1").run_once() == ["done"]
+    [line] = AuditLog(cfg.worker.audit_log).read()
+    assert line["skipped"] == {"out_of_domain": 1} and line["instances"]["explained"] == 0
+    assert not list(out.rglob("*.dcm"))
