@@ -94,12 +94,15 @@ def main() -> int:
         context = engine.context("benchmark")
         prob = float(engine.classify(batch)[0])
         overlay = overlay_sc(source=source, saliency=saliency, method="gradcam", probability=prob,
-                             decision=engine.decision(prob), context=context, series_number=9001)
+                             decision=engine.decision(prob), context=context, series_number=9001,
+                             positive_label=engine.bundle.spec.task.positive_label)
         rows.append(("write: overlay SC", median_ms(lambda: overlay_sc(
             source=source, saliency=saliency, method="gradcam", probability=prob, decision=engine.decision(prob),
-            context=context, series_number=9001), args.repeats), ""))
+            context=context, series_number=9001, positive_label=engine.bundle.spec.task.positive_label),
+            args.repeats), ""))
         rows.append(("write: counterfactual SC (1 step)", median_ms(lambda: counterfactual_sc(
-            source=source, images=[source.display], method="gradcam", context=context, series_number=9002),
+            source=source, images=[source.display], method="gradcam", context=context, series_number=9002,
+            positive_label=engine.bundle.spec.task.positive_label),
             args.repeats), ""))
         seg = saliency_seg(source=source, mask=mask, method="gradcam", context=context, series_number=9003)
         rows.append(("write: BINARY SEG", median_ms(lambda: saliency_seg(
@@ -108,7 +111,8 @@ def main() -> int:
                                  threshold=0.5, decision=engine.decision(prob), counterfactual_probability=None,
                                  flipped=None, checks={}, processing_ms=1.0, derived=[overlay, seg])
         rows.append(("write: SR", median_ms(lambda: audit_sr(source=source, records=[record], context=context,
-                                                             series_number=9000, total_processing_ms=1.0),
+                                                             series_number=9000, total_processing_ms=1.0,
+                                                             finding_name=engine.bundle.spec.task.finding),
                                             args.repeats), ""))
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(("save overlay to disk", median_ms(

@@ -122,7 +122,7 @@ def overlay_sc(
     context: OutputContext,
     series_number: int,
     instance_number: int = 1,
-    positive_label: str = "PNEUMONIA",
+    positive_label: str,
     threshold: float = 0.2,
     cautions: tuple[str, ...] = (),
 ) -> Dataset:
@@ -238,7 +238,7 @@ def counterfactual_sc(
     method: str,
     context: OutputContext,
     series_number: int,
-    positive_label: str = "PNEUMONIA",
+    positive_label: str,
     first_instance_number: int = 1,
 ) -> list[Dataset]:
     """Grey (MONOCHROME2, 16-bit) Secondary Captures, one per step of a counterfactual path.

@@ -3,7 +3,8 @@
 Document layout (``dsrdump`` shows it in this order)::
 
     Imaging Measurement Report (TID 1500)
-      Language, Observer = DEVICE medxplain <version>, Procedure reported = Plain chest X-ray
+      Language, Observer = DEVICE medxplain <version>, Procedure reported = from the source header
+      (procedure_code: plain chest X-ray, mammography or radiographic imaging)
       Imaging Measurements
         Measurement Group "classifier on the whole image" (TID 1410)
           Tracking identifier + UID; Finding = <finding> (e.g. SCT 233604007 "Pneumonia")
@@ -88,7 +89,7 @@ __all__ = [
     "SR_KIND",
     "PRIVATE_SCHEME",
     "finding_code",
-    "CHEST_XRAY_PROCEDURE",
+    "procedure_code",
 ]
 
 SR_KIND = "sr"
@@ -96,8 +97,11 @@ PRIVATE_SCHEME = "99MEDXPLAIN"
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
-#: Procedure reported (TID 1500 row 4): SNOMED CT "Plain chest X-ray".
-CHEST_XRAY_PROCEDURE = Code("399208008", "SCT", "Plain chest X-ray")
+#: Procedure reported (TID 1500 row 4, CID 100 "Quantitative Diagnostic Imaging
+#: Procedures" admits any SNOMED CT procedure), chosen from the source's header.
+_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+_MAMMOGRAPHY = Code("71651007", "SCT", "Mammography")
+_RADIOGRAPHY = Code("363680008", "SCT", "Radiographic imaging procedure")
 
 _KNOWN_FINDINGS = {
     "pneumonia": Code("233604007", "SCT", "Pneumonia"),
@@ -587,13 +591,27 @@ def _separate(items: Any) -> None:
         _separate(item.get("ContentSequence"))
 
 
+def procedure_code(source: SourceImage) -> Code:
+    """Procedure reported for TID 1500 (row 4), from the source's Modality and Body
+    Part Examined: MG -> SCT 71651007 "Mammography"; Body Part CHEST -> SCT 399208008
+    "Plain chest X-ray"; anything else -> SCT 363680008 "Radiographic imaging
+    procedure" (the eligibility rules admit only projection radiographs)."""
+    modality = str(source.dataset.get("Modality", "") or "").strip().upper()
+    body_part = str(source.dataset.get("BodyPartExamined", "") or "").strip().upper()
+    if modality == "MG":
+        return _MAMMOGRAPHY
+    if body_part == "CHEST":
+        return _CHEST_XRAY
+    return _RADIOGRAPHY
+
+
 def audit_sr(
     *,
     source: SourceImage,
     records: Sequence[ExplainerRecord],
     context: OutputContext,
     series_number: int,
-    finding_name: str = "Pneumonia",
+    finding_name: str,
     total_processing_ms: float,
     instance_number: int = 1,
     domain: DomainAssessment | None = None,
@@ -610,7 +628,8 @@ def audit_sr(
         in their ``derived`` lists must be medxplain output of this source in
         this study, and appears in the evidence and the content tree.
     finding_name:
-        the classifier's positive class ("Pneumonia" -> SCT 233604007).
+        the classifier's positive class, from the bundle's task ("Pneumonia" -> SCT
+        233604007; an unknown finding gets a code in the private scheme).
     total_processing_ms:
         wall time of the whole job (read, classify, explain, write).
     domain:
@@ -668,7 +687,7 @@ def audit_sr(
     ]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
-        procedure_reported=CHEST_XRAY_PROCEDURE,
+        procedure_reported=procedure_code(source),
         imaging_measurements=groups,
     )
     report[0].ContinuityOfContent = "SEPARATE"

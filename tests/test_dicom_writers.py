@@ -89,10 +89,11 @@ def _build(source: SourceImage, context: OutputContext) -> dict:
     overlay = overlay_sc(
         source=source, saliency=sal, method=METHOD, probability=0.93, decision="PNEUMONIA",
         counterfactual_probability=0.18, flipped=True, context=context, series_number=901,
+        positive_label="PNEUMONIA",
     )
     cfs = counterfactual_sc(
         source=source, images=path, path_probability=[0.81, 0.47, 0.18], method=METHOD,
-        context=context, series_number=902,
+        context=context, series_number=902, positive_label="PNEUMONIA",
     )
     seg = saliency_seg(
         source=source, mask=mask, method=METHOD, context=context, series_number=903,
@@ -266,7 +267,7 @@ def test_laterality(source):
     src = SourceImage(dataset=ds, display=source.display, path=None)
     sal = _blob(src.rows, src.columns)
     ov = overlay_sc(source=src, saliency=sal, method=METHOD, probability=0.5, decision="NORMAL",
-                    context=_context(), series_number=5)
+                    context=_context(), series_number=5, positive_label="PNEUMONIA")
     assert ov.Laterality == "L" and "ImageLaterality" not in ov
     assert_valid(ov)
     seg = saliency_seg(source=src, mask=sal > 0.5, method=METHOD, context=_context(), series_number=6)
@@ -275,7 +276,7 @@ def test_laterality(source):
     ds.BodyPartExamined = "CHEST"  # unpaired: no Laterality
     chest = SourceImage(dataset=ds, display=source.display, path=None)
     ov = overlay_sc(source=chest, saliency=sal, method=METHOD, probability=0.5, decision="NORMAL",
-                    context=_context(), series_number=5)
+                    context=_context(), series_number=5, positive_label="PNEUMONIA")
     assert "Laterality" not in ov
     assert_valid(ov)
 
@@ -375,13 +376,16 @@ def test_counterfactual_path_pixels(built, source, tmp_path):
 def test_counterfactual_paths_of_several_images_share_one_series(source):
     """One series per explainer and object kind; image p's steps are numbered (p-1)*T+1..p*T."""
     path = _darkened_path(source.display, steps=2)
-    first = counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7)
+    first = counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7,
+                              positive_label="PNEUMONIA")
     second = counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7,
+                              positive_label="PNEUMONIA",
                                first_instance_number=3)
     assert [int(d.InstanceNumber) for d in first + second] == [1, 2, 3, 4]
     assert len({d.SeriesInstanceUID for d in first + second}) == 1
     with pytest.raises(ValueError, match="first_instance_number"):
         counterfactual_sc(source=source, images=path, method=METHOD, context=_context(), series_number=7,
+                              positive_label="PNEUMONIA",
                           first_instance_number=0)
 
 
@@ -414,7 +418,7 @@ def test_overlay_example_png(cr_16bit):
     ds = overlay_sc(
         source=source, saliency=_blob(source.rows, source.columns), method="gradcam",
         probability=0.93, decision="PNEUMONIA", counterfactual_probability=0.62, flipped=False,
-        context=_context(), series_number=901,
+        context=_context(), series_number=901, positive_label="PNEUMONIA",
         # RG1 (adult) is outside the demo bundle's domain: the engine adds this caution.
         cautions=("out of domain: unlike the classifier's training data (score 20.8 > 14.7); "
                   "the result may not apply",),
@@ -436,7 +440,7 @@ def test_overlay_bad_input(source):
     ctx = _context()
     good = _blob(source.rows, source.columns)
     kw = dict(source=source, method=METHOD, probability=0.9, decision="PNEUMONIA", context=ctx,
-              series_number=1)
+              series_number=1, positive_label="PNEUMONIA")
     with pytest.raises(ValueError, match='"saliency".*shape'):
         overlay_sc(saliency=good[:-1], **kw)
     with pytest.raises(ValueError, match='"saliency".*\\[0, 1\\]'):
@@ -460,7 +464,7 @@ def test_overlay_bad_input(source):
 def test_counterfactual_bad_input(source):
     ctx = _context()
     img = source.display
-    kw = dict(source=source, method=METHOD, context=ctx, series_number=1)
+    kw = dict(source=source, method=METHOD, context=ctx, series_number=1, positive_label="PNEUMONIA")
     with pytest.raises(ValueError, match='"images"'):
         counterfactual_sc(images=[], **kw)
     with pytest.raises(ValueError, match='"images\\[1\\]".*shape'):
@@ -492,7 +496,7 @@ def test_seg_bad_input(source):
 
 def test_sr_bad_input(built, source):
     ctx = _context()
-    kw = dict(source=source, context=ctx, series_number=1, total_processing_ms=1.0)
+    kw = dict(source=source, context=ctx, series_number=1, total_processing_ms=1.0, finding_name="Pneumonia")
     with pytest.raises(ValueError, match='"records"'):
         audit_sr(records=[], **kw)
     rec = ExplainerRecord(method=METHOD, method_version="1", parameters={}, probability=0.5,
@@ -600,3 +604,13 @@ def test_sr_for_viewers(built, source):
     assert labels == ["Saliency overlay", "Counterfactual image, step 1 of 3",
                       "Counterfactual image, step 2 of 3", "Counterfactual image, step 3 of 3 (full counterfactual)",
                       "Segmentation of the most salient region"]
+
+
+def test_procedure_reported_follows_the_source_header(source):
+    """TID 1500 row 4 names what was imaged, not a constant: chest, mammography, or radiography."""
+    from dicom_io.sr import procedure_code
+    chest, mammogram, knee = (copy.deepcopy(source) for _ in range(3))
+    chest.dataset.BodyPartExamined = "CHEST"
+    mammogram.dataset.Modality = "MG"
+    knee.dataset.BodyPartExamined = "KNEE"
+    assert [procedure_code(s).value for s in (chest, mammogram, knee)] == ["399208008", "71651007", "363680008"]
