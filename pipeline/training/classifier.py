@@ -57,7 +57,7 @@ TASK_DATA_NOTES = {
 
 def train_classifier_bundle(
     *, data: Path, out: Path, name: str, task: str = "pneumonia", size: int = 128, epochs: int = 12,
-    batch_size: int = 32, seed: int = 0, device: str = "cpu",
+    batch_size: int = 32, seed: int = 0, device: str = "cpu", augmentation: str = "shortcut_robust",
 ) -> Bundle:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
@@ -69,7 +69,8 @@ def train_classifier_bundle(
     network = build_network(DEFAULT_ARCHITECTURE, DEFAULT_PARAMETERS)
     input_model = InputSpecModel(size=(size, size), aspect="squash", mean=0.5, std=0.25)
     model = BinaryClassifier(network, mean=input_model.mean, std=input_model.std)
-    config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device)
+    config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                                      augmentation=augmentation)
     trainer = ClassifierTrainer(config, model, splits["train"].images, splits["train"].labels,
                                 splits["val"].images, splits["val"].labels)
     steps = trainer.steps_per_epoch()
@@ -110,6 +111,7 @@ def train_classifier_bundle(
         training={
             "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": result.best_epoch,
+            "augmentation": augmentation, "settings": config.as_dict(),
             "wall_time_s": round(time.perf_counter() - started, 1), "device": device,
             "torch": torch.__version__, "python": platform.python_version(), "log": "classifier_training_log.csv",
         },
@@ -172,6 +174,7 @@ def write_model_card(bundle: Bundle) -> None:
         f"- Command: `{s.training.get('command')}`",
         f"- Wall time: {s.training.get('wall_time_s')} s on {s.training.get('device')} "
         f"(torch {s.training.get('torch')}), seed {s.training.get('seed')}, best epoch {s.training.get('best_epoch')}",
+        f"- Augmentation: `{s.training.get('augmentation', 'basic')}` (explainers/train_classifier.py `augmentation`)",
         f"- Per-epoch log: `{s.training.get('log')}`",
         "",
         "## Attribution",
