@@ -3,7 +3,11 @@ burned-in text strip or a side marker is added to untouched test images.
 
     .venv/bin/python benchmarks/bench_shortcut.py \
         --bundle bundles/demo-pneumonia --bundle bundles/demo-pneumonia-v2 \
-        [--data ../shared/data/kermany-cxr224] [--n 624] [--seed 0]
+        [--data ../shared/data/kermany-cxr224] [--n 624] [--seed 0] [--record]
+
+``--record`` writes the last bundle's figures into its bundle.yaml
+(``metrics.shortcut_sensitivity``) and the earlier bundles' figures into its
+``metrics.history``, then re-renders its MODEL_CARD.md.
 
 For each bundle (same images, same overlays, one run): the test AUROC on clean
 images, then per overlay the median and 90th percentile of |P(overlaid) - P(clean)|,
@@ -23,6 +27,7 @@ overlaid images, and the median |dP| over the images whose clean P lies in [0.05
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -38,6 +43,7 @@ from explainers.metrics import classification_metrics  # noqa: E402
 from explainers.shortcuts import TEXT_CHARACTERS, burn_in_text, side_marker  # noqa: E402
 from explainers.train_classifier import predict_probabilities  # noqa: E402
 from pipeline.datasets import load_splits  # noqa: E402
+from pipeline.training.classifier import write_model_card  # noqa: E402
 
 
 def _text(seed: int, index: int, length: int = 14) -> str:
@@ -73,6 +79,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "kermany-cxr224")
     parser.add_argument("--n", type=int, default=0, help="first N test images (0: all 624)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", action="store_true", help="record into the last bundle's bundle.yaml and card")
     args = parser.parse_args()
     bundles = [Bundle.load(b) for b in (args.bundle or [ROOT / "bundles" / "demo-pneumonia"])]
     sizes = {tuple(b.spec.input.size) for b in bundles} | {(b.spec.input.aspect,) for b in bundles}
@@ -90,7 +97,9 @@ def main() -> int:
     print("| bundle | clean AUROC | overlay | median abs dP | p90 abs dP | median abs dP, 0.05<P<0.95 (n) | "
           "decisions changed | AUROC overlaid |")
     print("|---|---|---|---|---|---|---|---|")
+    figures: list[dict] = []
     for bundle in bundles:
+        overlays: dict[str, dict] = {}
         model = bundle.load_classifier()
         threshold = bundle.spec.task.threshold
         clean = predict_probabilities(model, images)
@@ -100,11 +109,29 @@ def main() -> int:
             moved = predict_probabilities(model, shifted)
             delta = (moved - clean).abs()
             changed = ((moved >= threshold) != (clean >= threshold)).float().mean()
+            overlays[name] = {
+                "median": round(float(delta.median()), 4), "p90": round(float(torch.quantile(delta, 0.9)), 4),
+                "median_uncertain": round(float(delta[uncertain].median()), 4) if uncertain.any() else None,
+                "n_uncertain": int(uncertain.sum()), "decisions_changed": round(float(changed), 4),
+                "auroc": round(classification_metrics(moved, labels, threshold)["auroc"], 4),
+                "held_out": name in HELD_OUT}
             print(f"| {bundle.spec.name} | {auroc:.4f} | {name}{' (held out)' if name in HELD_OUT else ''} | "
                   f"{delta.median():.4f} | {torch.quantile(delta, 0.9):.4f} | "
                   f"{delta[uncertain].median() if uncertain.any() else float('nan'):.4f} ({int(uncertain.sum())}) | "
                   f"{changed:.3f} | "
                   f"{classification_metrics(moved, labels, threshold)['auroc']:.4f} |")
+        figures.append({"name": bundle.spec.name, "version": bundle.spec.version, "test_auroc": round(auroc, 4),
+                        "classifier_sha256": bundle.spec.classifier.weights.sha256,
+                        "note": bundle.spec.training.get("augmentation", "basic") + " augmentation",
+                        "shortcut_sensitivity": {"n": len(images), "overlays": overlays}})
+    if args.record:
+        last = bundles[-1]
+        command = "python benchmarks/bench_shortcut.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        last.spec.metrics["shortcut_sensitivity"] = {**figures[-1]["shortcut_sensitivity"], "command": command}
+        last.spec.metrics["history"] = figures[:-1]
+        last.save_spec()
+        write_model_card(last)
+        print(f"\nrecorded in {last.root / 'bundle.yaml'} and MODEL_CARD.md")
     return 0
 
 

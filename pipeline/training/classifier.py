@@ -6,6 +6,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -140,6 +141,42 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+def _figure(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _shortcut_table(figures: dict[str, Any]) -> list[str]:
+    rows = ["| overlay | median abs dP | p90 abs dP | median abs dP, 0.05<P<0.95 (n) | decisions changed | AUROC overlaid |",
+            "|---|---|---|---|---|---|"]
+    for name, f in figures.get("overlays", {}).items():
+        rows.append(f"| {name}{' (held out)' if f.get('held_out') else ''} | {f['median']:.4f} | {f['p90']:.4f} | "
+                    f"{_figure(f['median_uncertain'])} ({f['n_uncertain']}) | {f['decisions_changed']:.3f} | "
+                    f"{f['auroc']:.4f} |")
+    return rows
+
+
+def _shortcut_lines(figures: dict[str, Any] | None) -> list[str]:
+    """The model card's shortcut-sensitivity section (``benchmarks/bench_shortcut.py --record``)."""
+    if not figures:
+        return []
+    return ["", "## Shortcut sensitivity",
+            f"|P(overlaid) - P(clean)| on {figures['n']} test images when only a burned-in text strip or a side "
+            "marker is added (held out: kinds the training augmentation never draws). "
+            f"Command: `{figures['command']}`", "", *_shortcut_table(figures)]
+
+
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """Earlier versions' figures, measured in the same run as this version's."""
+    if not history:
+        return []
+    lines = ["## History", ""]
+    for entry in history:
+        lines += [f"### {entry['name']} {entry.get('version', '')} (classifier sha256 `{entry['classifier_sha256']}`)",
+                  f"- {entry.get('note', '')}", f"- Test AUROC {entry['test_auroc']:.4f}", "",
+                  *_shortcut_table(entry.get("shortcut_sensitivity", {})), ""]
+    return lines
+
+
 def write_model_card(bundle: Bundle) -> None:
     s = bundle.spec
     test, val = s.metrics.get("test", {}), s.metrics.get("validation", {})
@@ -168,6 +205,7 @@ def write_model_card(bundle: Bundle) -> None:
         if m:
             lines.append(f"| {name} | {m['auroc']:.4f} | {m['accuracy']:.4f} | {m['sensitivity']:.4f} | "
                          f"{m['specificity']:.4f} | {m['n']} |")
+    lines += _shortcut_lines(s.metrics.get("shortcut_sensitivity"))
     lines += [
         "",
         "## Training",
@@ -177,6 +215,7 @@ def write_model_card(bundle: Bundle) -> None:
         f"- Augmentation: `{s.training.get('augmentation', 'basic')}` (explainers/train_classifier.py `augmentation`)",
         f"- Per-epoch log: `{s.training.get('log')}`",
         "",
+        *_history_lines(s.metrics.get("history", [])),
         "## Attribution",
         f"Trained on data from {s.data.get('attribution')}",
         "",
