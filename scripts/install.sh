@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools python3-venv python3-dev
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools python3-venv python3-dev redis-server
               chromium)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 missing=()
