@@ -12,6 +12,11 @@ Job payloads (``JobQueue.enqueue(key, payload)``):
   enqueued by the Orthanc plugin): instances are fetched through Orthanc's REST
   API and results stored into the same study (``delivery.orthanc``), and also
   C-STOREd when ``delivery.cstore`` is set.
+- ``{"kind": "dicomweb", "study_uid": "<StudyInstanceUID>"}`` (key ``dicomweb:<uid>``,
+  ``medxplain jobs add-dicomweb``): a study on the ``dicomweb`` server, listed by
+  QIDO-RS, fetched by WADO-RS, results stored back by STOW-RS
+  (``pipeline/pacs/dicomweb.py``). ``delivery.dicomweb`` also STOWs the results of
+  Orthanc jobs there.
 - ``{"kind": "folder", "folder": "<abs path>", "deliver": "cstore" | "folder" | "orthanc",
   ["out": "<dir>"], ["destination": {ae_title, host, port, calling_ae_title}],
   ["delete_folder": bool]}``: DICOM files of one study on disk (the DICOM node's

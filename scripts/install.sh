@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One install for every path (README, make demo, make test, CI, docker):
 # Debian packages (Orthanc + its Python, DICOMweb and Web Viewer plugins, dcmtk,
-# dicom3tools, Chromium for the viewer test), a Python 3.11 venv in .venv, the project
+# dicom3tools, Chromium for the viewer test, Redis for queue.backend celery), a Python 3.11 venv in .venv, the project
 # with its pinned dependencies, and the OHIF Viewer (npm @ohif/app, prebuilt) in .viewer/.
 # Idempotent: re-running skips what is already in place.
 set -euo pipefail

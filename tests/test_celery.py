@@ -38,15 +38,16 @@ def celery_queue(redis: RedisServer, origin: str) -> dict:
 
 
 class Cluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, origins: tuple[str, ...] = ("a", "b")):
         self.root = root
+        self.origins = origins
         self.redis = RedisServer(root / "redis")
         self.orthancs: dict[str, OrthancServer] = {}
         self.workers: list[subprocess.Popen] = []
 
     def start(self, n_workers: int = 2) -> "Cluster":
         self.redis.start()
-        for origin in ("a", "b"):
+        for origin in self.origins:
             self.orthancs[origin] = OrthancServer(self.root / f"orthanc-{origin}", start_worker=True,
                                                   queue=celery_queue(self.redis, origin)).start()
         for i in range(n_workers):
@@ -54,7 +55,7 @@ class Cluster:
         return self
 
     def worker_config(self) -> Path:
-        base = yaml.safe_load(self.orthancs["a"].paths["worker_config"].read_text())
+        base = yaml.safe_load(self.orthancs[self.origins[0]].paths["worker_config"].read_text())
         base["queue"]["path"] = str(self.root / "unused-worker-queue.db")  # never opened by a Celery worker
         base["queue"]["celery"]["origins"] = {
             origin: {"url": o.url, "username": launcher.WORKER_USER, "password_env": f"MX_TEST_PW_{origin.upper()}"}
@@ -257,3 +258,13 @@ def test_outcome_records_what_the_worker_decided():
     out.defer("j", "w", "down", delay_s=4.0)
     out.wake_deferred()
     assert out.report["verb"] == "defer" and out.report["delay_s"] == 4.0 and out.report["wake"] is True
+
+
+def test_the_compose_configs_are_valid():
+    from config import load_config
+    from tests.orthanc_server import PROJECT_ROOT as root
+
+    orthanc = load_config(root / "docker" / "scaleout-orthanc.yaml")
+    worker = load_config(root / "docker" / "scaleout-worker.yaml")
+    assert orthanc.queue.backend == worker.queue.backend == "celery"
+    assert orthanc.queue.celery.origin in worker.queue.celery.origins
