@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from config.schema import MedxplainConfig, OrthancConfig
 
@@ -96,7 +96,11 @@ def configure(config: MedxplainConfig, celery_app: Celery = app) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=c.task_queue,
-        broker_transport_options={"visibility_timeout": c.visibility_timeout_s},
+        # Redis puts an unacknowledged task back after visibility_timeout; workers sweep for
+        # such tasks every unacked_restore_interval s (kombu's default sweep is ~100 s).
+        broker_transport_options={"visibility_timeout": c.visibility_timeout_s,
+                                  "unacked_restore_interval": _sweep_s(c.visibility_timeout_s),
+                                  "unacked_restore_throttle": 1},
         result_backend_transport_options={"visibility_timeout": c.visibility_timeout_s},
         # The broker may be down for a while: workers keep reconnecting, forever.
         broker_connection_retry_on_startup=True,
@@ -113,6 +117,19 @@ def configure(config: MedxplainConfig, celery_app: Celery = app) -> Celery:
                                    "interval_max": 1.0},
     )
     return celery_app
+
+
+def _sweep_s(visibility_timeout_s: float) -> int:
+    """How often a worker looks for tasks whose visibility timeout passed: a sixth of it,
+    between 1 and 60 s (a dead worker's task is back within 7/6 of the timeout)."""
+    return int(min(60, max(1, visibility_timeout_s // 6)))
+
+
+@setup_logging.connect
+def _keep_our_logging(**_: Any) -> None:
+    """Celery would set the root logger to the worker's level (INFO): third-party INFO
+    lines (highdicom logs source UIDs) would reach the log. The CLI's logging stays:
+    root at WARNING, medxplain at INFO, UIDs hashed."""
 
 
 # --------------------------------------------------------------------------- the task
