@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One install for every path (README, make demo, make test, CI, docker):
 # Debian packages (Orthanc + its Python, DICOMweb and Web Viewer plugins, dcmtk,
-# dicom3tools, Chromium for the viewer test), a Python 3.11 venv in .venv, the project
+# dicom3tools, Chromium for the viewer test, Redis for queue.backend celery), a Python 3.11 venv in .venv, the project
 # with its pinned dependencies, and the OHIF Viewer (npm @ohif/app, prebuilt) in .viewer/.
 # Idempotent: re-running skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools python3-venv python3-dev
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools python3-venv python3-dev redis-server
               chromium)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 missing=()
