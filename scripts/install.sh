@@ -38,15 +38,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
-# OHIF, served by Orthanc under /ohif/ (pipeline/viewer.py): the prebuilt app of the pinned
+# OHIF, served by Orthanc under /ohif/ (pipeline/pacs/viewer.py): the prebuilt app of the pinned
 # release, fetched with `npm pack` (the package only, no dependencies, no build).
-if ! .venv/bin/python -c "import sys; from pipeline.viewer import installed; sys.exit(0 if installed() else 1)"; then
-  OHIF_VERSION=$(.venv/bin/python -c "from pipeline.viewer import OHIF_VERSION; print(OHIF_VERSION)")
+if ! .venv/bin/python -c "import sys; from pipeline.pacs.viewer import installed; sys.exit(0 if installed() else 1)"; then
+  OHIF_VERSION=$(.venv/bin/python -c "from pipeline.pacs.viewer import OHIF_VERSION; print(OHIF_VERSION)")
   echo "== npm: OHIF @ohif/app@$OHIF_VERSION"
   rm -rf .viewer/npm && mkdir -p .viewer/npm
   (cd .viewer/npm && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
   tar -xzf ".viewer/npm/ohif-app-$OHIF_VERSION.tgz" -C .viewer/npm
-  .venv/bin/python -m pipeline.viewer .viewer/npm/package/dist
+  .venv/bin/python -m pipeline.pacs.viewer .viewer/npm/package/dist
   rm -rf .viewer/npm
 fi
 echo "== install: ready (.venv/bin/medxplain)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orthanc_launcher import free_port
+from pipeline.pacs.orthanc_launcher import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import orthanc_launcher as launcher
+from pipeline.pacs import orthanc_launcher as launcher
 from tests.orthanc_server import MEDXPLAIN, PROJECT_ROOT, OrthancServer, require_orthanc, wait_for
 from tests.redis_server import RedisServer, require_redis
 from tests.test_orthanc import cr_study, kermany_test, require_bundle, study_id, to_bytes  # noqa: F401
@@ -277,7 +277,7 @@ def test_queue_backend_is_validated():
 
 
 def test_outcome_records_what_the_worker_decided():
-    from pipeline.jobqueue import Job
+    from pipeline.pacs.jobqueue import Job
     from pipeline.pacs.celery_queue import Outcome
 
     job = Job(id="j", key="orthanc:s", payload={}, state="leased", attempts=5, max_attempts=5, not_before=0,

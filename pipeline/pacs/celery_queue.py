@@ -9,7 +9,7 @@ Topology (README "Deployment")::
 
 One Celery task, :data:`TASK_NAME`, carries one outbox job (the ``Job`` row as JSON)
 and the name of the Orthanc it came from (``origin``). The worker runs it with the
-very same :class:`pipeline.worker.Worker` code as the SQLite backend (rules, already
+very same :class:`pipeline.pacs.worker.Worker` code as the SQLite backend (rules, already
 done check, batches, delivery, audit, failure classes) against the Orthanc named
 ``queue.celery.origins[origin]`` (``default``: the top-level ``orthanc`` section); a
 task naming an origin this worker does not know is refused (it never sends images
@@ -192,8 +192,8 @@ def _origin(config: MedxplainConfig, origin: str) -> OrthancConfig | None:
 def _worker_for(origin: str) -> Any:
     """One ``Worker`` per origin Orthanc (its client, its outage pause); the engines
     (models) are shared by all of them in this process."""
-    from pipeline.orthanc_client import OrthancClient
-    from pipeline.worker import Worker
+    from pipeline.pacs.orthanc_client import OrthancClient
+    from pipeline.pacs.worker import Worker
 
     worker = _WORKERS.get(origin)
     if worker is None:
@@ -226,7 +226,7 @@ def _warm_up(**_: Any) -> None:
 def explain(job: dict[str, Any], origin: str) -> dict[str, Any]:
     """Run one outbox job; returns ``{"verb": complete|fail|defer|release, ...}`` for the
     dispatcher of ``origin`` (see :class:`Outcome`)."""
-    from pipeline.jobqueue import Job
+    from pipeline.pacs.jobqueue import Job
 
     row = Job(**job)
     worker = _worker_for(origin)

@@ -19,7 +19,7 @@ appear in logs or errors: messages name the transaction, the HTTP status and a h
 of the study, never a UID, a password or a token.
 
 Errors are typed for the worker's retry rules (``failure_kind``, see
-``pipeline.worker._classify``): :class:`DicomwebUnavailable` (connection refused,
+``pipeline.pacs.worker._classify``): :class:`DicomwebUnavailable` (connection refused,
 timeout, HTTP 401/403/408/429/5xx: defer, no attempt spent) and
 :class:`DicomwebRequestError` (any other 4xx: permanent); :class:`DicomwebConfigError`
 when the server or its secret is not configured.
@@ -178,7 +178,7 @@ class DicomwebServer:
 
 
 class StowDelivery:
-    """A worker delivery (``pipeline.worker._Delivery`` protocol): STOW-RS of each image's
+    """A worker delivery (``pipeline.pacs.worker._Delivery`` protocol): STOW-RS of each image's
     objects, then its SR in a request of its own (so an SR on the server means everything
     it references is there too); ``is_done`` asks QIDO-RS for the SR."""
 

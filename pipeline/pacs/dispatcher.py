@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from config.schema import MedxplainConfig
-from pipeline.audit import hash_text
-from pipeline.jobqueue import Job, JobQueue, make_owner
+from dicom_io.uids import hash_text
+from pipeline.pacs.jobqueue import Job, JobQueue, make_owner
 
 __all__ = ["Dispatcher"]
 

@@ -37,8 +37,8 @@ def _config(path: Path | None):
 def _open(cfg, queue_path: Path | None):
     """The queue, or a clear message and exit status 2 when its file is emptied or damaged
     (its owner, the Orthanc plugin or the DICOM node, recovers it at start-up)."""
-    from pipeline.jobqueue import QueueDamaged
-    from pipeline.worker import open_queue
+    from pipeline.pacs.jobqueue import QueueDamaged
+    from pipeline.pacs.worker import open_queue
 
     try:
         return open_queue(cfg, queue_path)
@@ -62,7 +62,7 @@ def _age(seconds: float) -> str:
 
 def _setup_logging(verbose: bool) -> None:
     """Our lines at INFO (DEBUG with -v), other libraries' at WARNING; every UID hashed."""
-    from pipeline.audit import ScrubUIDsFilter
+    from pipeline.pacs.audit import ScrubUIDsFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -87,7 +87,7 @@ def worker_command(
     import os
     import threading
 
-    from pipeline.worker import Worker, install_signal_handlers
+    from pipeline.pacs.worker import Worker, install_signal_handlers
 
     _setup_logging(verbose)
     cfg = _config(config)
@@ -138,7 +138,7 @@ def dispatcher_command(
     import threading
 
     from pipeline.pacs.dispatcher import Dispatcher
-    from pipeline.worker import install_signal_handlers
+    from pipeline.pacs.worker import install_signal_handlers
 
     _setup_logging(verbose)
     cfg = _config(config)
@@ -165,7 +165,7 @@ def jobs_list(
     """List jobs: id, key, state, attempts, last error, age."""
     from rich.table import Table
 
-    from pipeline.jobqueue import STATES
+    from pipeline.pacs.jobqueue import STATES
 
     if state is not None and state not in STATES:
         console.print(f"[red]unknown state {state!r}; one of {', '.join(STATES)}[/]")
@@ -252,7 +252,7 @@ def jobs_add(
     queue: Path = typer.Option(None, "--queue", help=_QUEUE_HELP),
 ) -> None:
     """Queue a folder for the worker (results to a folder, C-STORE or Orthanc). The folder is kept."""
-    from pipeline.audit import hash_text
+    from pipeline.pacs.audit import hash_text
 
     if (out is not None) + cstore + orthanc != 1:
         console.print("[red]give exactly one of --out DIR, --cstore, --orthanc[/]")

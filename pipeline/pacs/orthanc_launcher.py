@@ -205,7 +205,7 @@ def _add_viewers(orthanc_cfg: dict[str, Any], settings: OrthancSettings) -> None
     """DICOMweb and the Orthanc Web Viewer when their Debian plugins are installed; OHIF
     (served by the medxplain plugin under /ohif/, same origin and authentication) when
     ``settings.viewer`` and the app is prepared."""
-    from pipeline.viewer import OHIF_PREFIX, installed, ohif_folder
+    from pipeline.pacs.viewer import OHIF_PREFIX, installed, ohif_folder
 
     if DICOMWEB_PLUGIN.exists():
         orthanc_cfg["Plugins"].append(str(DICOMWEB_PLUGIN))

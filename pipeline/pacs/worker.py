@@ -80,10 +80,11 @@ from pydicom.errors import InvalidDicomError
 from config.schema import CStoreDestination, MatchRule, MedxplainConfig, resolve
 from dicom_io.errors import DicomInputError, UnreadableFileError
 from dicom_io.reader import read_radiograph
-from pipeline.audit import AuditLog, JobAudit, Redactor, hash_text
-from pipeline.jobqueue import Job, JobQueue, make_owner
-from pipeline.orthanc_client import OrthancClient, OrthancRequestError, OrthancUnavailable
-from pipeline.rules import eligibility, match_rule, series_exclusion
+from dicom_io.uids import hash_text
+from pipeline.pacs.audit import AuditLog, JobAudit, Redactor
+from pipeline.pacs.jobqueue import Job, JobQueue, make_owner
+from pipeline.pacs.orthanc_client import OrthancClient, OrthancRequestError, OrthancUnavailable
+from pipeline.pacs.rules import eligibility, match_rule, series_exclusion
 
 if TYPE_CHECKING:  # torch is imported when the first engine is built, not before
     from dicom_io.source import SourceImage
@@ -124,7 +125,7 @@ class _LeaseLost(Exception):
 def open_queue(config: MedxplainConfig, path: str | Path | None = None, *,
                clock: Callable[[], float] = time.time, recover: bool = False) -> JobQueue:
     """The job queue of ``config`` (``queue.path``, relative to the project root), or ``path``.
-    Raises ``pipeline.jobqueue.QueueDamaged`` for an emptied or damaged file unless ``recover``."""
+    Raises ``pipeline.pacs.jobqueue.QueueDamaged`` for an emptied or damaged file unless ``recover``."""
     q = config.queue
     return JobQueue(Path(path) if path else resolve(q.path), max_attempts=q.max_attempts,
                     backoff_s=q.backoff_s, backoff_max_s=q.backoff_max_s,
@@ -713,7 +714,7 @@ def _classify(exc: BaseException) -> str:
     """What a job failure calls for: ``"unavailable"`` (defer, spend no attempt),
     ``"permanent"`` (dead at once) or ``"retry"`` (back-off, counted attempts).
     See the module docstring."""
-    from pipeline.orthanc_client import OrthancConfigError
+    from pipeline.pacs.orthanc_client import OrthancConfigError
 
     kind = getattr(exc, "failure_kind", None)  # errors that say it themselves (pipeline/pacs/dicomweb.py)
     if kind in ("unavailable", "permanent", "retry"):
@@ -753,7 +754,7 @@ def deterministic_failure(exc: BaseException) -> str | None:
 
 def _expected(exc: BaseException) -> bool:
     """Failures whose message says it all (no traceback in the log)."""
-    from pipeline.orthanc_client import OrthancError
+    from pipeline.pacs.orthanc_client import OrthancError
 
     if isinstance(exc, (OrthancError, DeliveryFailed, ImagesFailed)) or hasattr(exc, "failure_kind"):
         return True

@@ -45,7 +45,7 @@ def orthanc_command(
 ) -> None:
     """Start Orthanc (Debian package) with the medxplain plugin, a generated config
     (loopback, authentication on, storage in --data) and the plugin-supervised worker."""
-    from pipeline import orthanc_launcher as launcher
+    from pipeline.pacs import orthanc_launcher as launcher
 
     data = data.resolve()
     if stop:
