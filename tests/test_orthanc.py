@@ -27,14 +27,20 @@ import pytest
 from PIL import Image
 
 from dicom_io.convert import cr_from_pixels
-from orthanc_plugin.core import (StudyMarks, Timings, WorkerSupervisor, basic_auth_user, jobs_answer,
-                                 orthanc_study_id, worker_may)
+from orthanc_plugin.core import (
+    StudyMarks,
+    Timings,
+    WorkerSupervisor,
+    basic_auth_user,
+    jobs_answer,
+    orthanc_study_id,
+    worker_may,
+)
 from pipeline.pacs import orthanc_launcher as launcher
 from pipeline.pacs.jobqueue import JobQueue
 from tests.derived_dicom import derived  # noqa: F401 (fixture)
 from tests.dicom_validation import dciodvfy
 from tests.orthanc_server import TEST_BUNDLE, OrthancServer, python_command, require_orthanc, wait_for
-
 
 # ------------------------------------------------------------------ data
 
