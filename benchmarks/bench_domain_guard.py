@@ -27,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dicom_io.errors import DicomInputError  # noqa: E402
-from dicom_io.preprocess import InputSpec, Preprocessor  # noqa: E402
+from dicom_io.preprocess import Preprocessor  # noqa: E402
 from dicom_io.reader import read_radiograph  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
 from explainers.domain import DomainGuard  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> int:
     if guard is None:
         print(f"{args.bundle} has no domain guard: run `medxplain train domain-guard`", file=sys.stderr)
         return 2
-    pre = Preprocessor(InputSpec(tuple(bundle.spec.input.size), bundle.spec.input.aspect))
+    pre = Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect)
 
     def dicom(path) -> torch.Tensor:
         return pre(read_radiograph(path).display).as_tensor()[None]

@@ -24,7 +24,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dicom_io.preprocess import InputSpec, Preprocessor  # noqa: E402
+from dicom_io.preprocess import Preprocessor  # noqa: E402
 from explainers.base import explainer_class  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
 
@@ -34,7 +34,7 @@ SHARED = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", ROOT.parent / "shared" / "
 def load_images(bundle: Bundle, n: int) -> torch.Tensor:
     kermany = SHARED / "kermany-cxr224"
     rows = [r for r in csv.DictReader(open(kermany / "manifest.csv")) if r["split"] == "test"][::7][:n]
-    preprocess = Preprocessor(InputSpec(tuple(bundle.spec.input.size), bundle.spec.input.aspect))
+    preprocess = Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect)
     out = []
     for r in rows:
         with Image.open(kermany / r["path"]) as img:

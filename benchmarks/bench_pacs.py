@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dicom_io.convert import cr_from_pixels  # noqa: E402
-from pipeline import orthanc_launcher as launcher  # noqa: E402
+from pipeline.pacs import orthanc_launcher as launcher  # noqa: E402
 
 
 def kermany_images(shared: Path, n: int) -> list[Path]:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import pipeline.engine  # noqa: E402,F401  (registers every explainer)
 from explainers import evaluation as ev  # noqa: E402
 from explainers.base import explainer_class  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
-from pipeline.benchmark import SANITY_STAGES, depends_on_classifier  # noqa: E402
+from pipeline.evaluation.benchmark import SANITY_STAGES, depends_on_classifier  # noqa: E402
 from tests.generator_helpers import sampled_test_images  # noqa: E402
 
 METHODS = "gradcam,ig,occlusion,sagen,exaggeration,medxgan,gvr,cia"

@@ -42,7 +42,7 @@ from explainers.bundle import Bundle  # noqa: E402
 from explainers.metrics import classification_metrics  # noqa: E402
 from explainers.shortcuts import TEXT_CHARACTERS, burn_in_text, side_marker  # noqa: E402
 from explainers.train_classifier import predict_probabilities  # noqa: E402
-from pipeline.datasets import load_splits  # noqa: E402
+from pipeline.training.datasets import load_splits  # noqa: E402
 from pipeline.training.classifier import write_model_card  # noqa: E402
 
 

@@ -28,6 +28,79 @@ class OutputsConfig(_Strict):
     first_series_number: int = Field(9000, ge=1, description="series numbers of our output start here")
 
 
+class WorkerConfig(_Strict):
+    poll_interval_s: float = Field(0.2, gt=0, description="how often an idle worker looks for jobs")
+    audit_log: Path = Field(Path("data/audit.jsonl"), description="JSON-lines audit log (no patient data)")
+
+
+class OrthancConfig(_Strict):
+    url: str = Field("http://127.0.0.1:8042", description="Orthanc REST base URL the worker uses")
+    username: str = Field("medxplain", description="the worker's own Orthanc user")
+    password_env: str = Field("MEDXPLAIN_ORTHANC_PASSWORD",
+                              description="environment variable holding that user's password")
+    timeout_s: float = Field(60.0, gt=0, description="HTTP timeout per request")
+
+
+class CeleryConfig(_Strict):
+    """``queue.backend: celery``: the Orthanc plugin still makes each job durable in its
+    local SQLite file (the outbox); ``medxplain dispatcher`` publishes it to Celery and
+    records the outcome back in that file; ``medxplain worker`` processes on any
+    machine run the tasks. Messages are JSON only (never pickle)."""
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0",
+                            description="Celery broker (Redis, with appendonly persistence); a password goes in "
+                                        "the environment variable broker_password_env, not here")
+    result_backend: str | None = Field(None, description="where task outcomes wait for the dispatcher "
+                                                         "(default: the broker URL)")
+    broker_password_env: str = Field("MEDXPLAIN_BROKER_PASSWORD",
+                                     description="environment variable with the broker's password (optional)")
+    task_queue: str = Field("medxplain", description="Celery queue name the dispatchers publish to")
+    visibility_timeout_s: float = Field(
+        3600.0, gt=0, description="Redis redelivers a task not acknowledged within this time (acks are late: "
+        "after the task). Must exceed the longest task, or a slow study runs twice (harmless: deterministic "
+        "UIDs, but wasted work); a worker killed mid-task is redelivered after it")
+    redeliver_after_s: float = Field(
+        7200.0, gt=0, description="the dispatcher publishes a task again when no outcome came this long "
+        "after publishing (a message lost with a broker that had no persistence); > visibility_timeout_s")
+    origin: str = Field("default", description="name of this Orthanc for the workers (dispatcher side): "
+                                               "results go back to origins[origin]")
+    origins: dict[str, OrthancConfig] = Field(
+        default_factory=dict, description="worker side: the Orthancs whose jobs this worker accepts, by name; "
+        "'default' falls back to the top-level orthanc section. A task naming another origin is refused")
+    max_in_flight: int = Field(64, ge=1, description="jobs one dispatcher has published and not yet seen "
+                                                     "finished")
+    poll_interval_s: float = Field(0.5, gt=0, description="how often the dispatcher looks for new jobs "
+                                                          "and outcomes")
+    concurrency: int = Field(1, ge=1, le=64, description="task processes per `medxplain worker` (each holds "
+                                                         "its own models)")
+
+    @field_validator("origin")
+    @classmethod
+    def _origin_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError(f"origin must be a name of letters, digits, '-', '_' or '.', got {value!r}")
+        return value
+
+
+class DicomwebConfig(_Strict):
+    """A DICOMweb server (QIDO-RS, WADO-RS, STOW-RS; DICOM PS3.18) for ``dicomweb:`` jobs and
+    ``delivery.dicomweb``. Secrets come from environment variables, never from this file."""
+
+    url: str = Field(..., description="DICOMweb base URL, e.g. http://pacs:8042/dicom-web")
+    auth: Literal["none", "basic", "bearer"] = Field("none", description="HTTP authentication")
+    username: str | None = Field(None, description="user for basic authentication")
+    password_env: str = Field("MEDXPLAIN_DICOMWEB_PASSWORD", description="variable with the basic-auth password")
+    token_env: str = Field("MEDXPLAIN_DICOMWEB_TOKEN", description="variable with the bearer token")
+    timeout_s: float = Field(60.0, gt=0, description="HTTP timeout per request")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"DICOMweb url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
 class QueueConfig(_Strict):
     path: Path = Field(Path("~/.local/share/medxplain/queue.db"),
                        description="SQLite job queue file (WAL mode, 0600 in a 0700 folder); '~' is the home "
@@ -41,19 +114,11 @@ class QueueConfig(_Strict):
         "dead-letters the jobs waiting for it; until then an outage spends no attempts")
     outage_retry_max_s: float = Field(60.0, gt=0, description="while a peer is unreachable the worker pauses, "
                                       "starting at backoff_s and doubling up to this, then tries one job again")
-
-
-class WorkerConfig(_Strict):
-    poll_interval_s: float = Field(0.2, gt=0, description="how often an idle worker looks for jobs")
-    audit_log: Path = Field(Path("data/audit.jsonl"), description="JSON-lines audit log (no patient data)")
-
-
-class OrthancConfig(_Strict):
-    url: str = Field("http://127.0.0.1:8042", description="Orthanc REST base URL the worker uses")
-    username: str = Field("medxplain", description="the worker's own Orthanc user")
-    password_env: str = Field("MEDXPLAIN_ORTHANC_PASSWORD",
-                              description="environment variable holding that user's password")
-    timeout_s: float = Field(60.0, gt=0, description="HTTP timeout per request")
+    backend: Literal["sqlite", "celery"] = Field(
+        "sqlite", description="sqlite: workers lease jobs from the SQLite file (one machine); celery: the file "
+                              "is an outbox that `medxplain dispatcher` publishes to Celery (queue.celery)")
+    celery: CeleryConfig = Field(default_factory=CeleryConfig,
+                                 description="queue.backend celery: broker, visibility timeout, origins")
 
 
 class MatchRule(_Strict):
@@ -80,6 +145,8 @@ class CStoreDestination(_Strict):
 class DeliveryConfig(_Strict):
     orthanc: bool = Field(True, description="store results into the same Orthanc (REST)")
     cstore: CStoreDestination | None = Field(None, description="also C-STORE results to this AE (e.g. the PACS)")
+    dicomweb: bool = Field(False, description="also STOW-RS results to the DICOMweb server of the `dicomweb` "
+                                             "section (dicomweb: jobs always store there)")
 
 
 class DicomNodeConfig(_Strict):
@@ -133,6 +200,8 @@ class MedxplainConfig(_Strict):
     orthanc: OrthancConfig = Field(default_factory=OrthancConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     dicom_node: DicomNodeConfig = Field(default_factory=DicomNodeConfig)
+    dicomweb: DicomwebConfig | None = Field(None, description="a DICOMweb PACS: source of `dicomweb:<Study "
+                                            "Instance UID>` jobs and target of delivery.dicomweb")
 
     @field_validator("explainers")
     @classmethod

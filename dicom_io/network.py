@@ -6,7 +6,7 @@
   class but never patient data.
 - :class:`StorageSCP` is a Storage SCP that accepts only configured calling AE
   titles and hands every received instance (with the bytes exactly as sent) to a
-  callback that returns the C-STORE status. ``pipeline.dicom_node`` builds the
+  callback that returns the C-STORE status. ``pipeline.pacs.dicom_node`` builds the
   standalone medxplain node on it; tests use it as a stand-in PACS.
 
 No torch and no ``config`` import here: a destination is any object with
@@ -23,21 +23,22 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom.status import STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, Status, code_to_category
 
 __all__ = [
     "COMMON_TRANSFER_SYNTAXES",
@@ -54,13 +55,10 @@ __all__ = [
 
 LOGGER = logging.getLogger("medxplain.dicom_io.network")
 
-STATUS_SUCCESS = 0x0000
+STATUS_SUCCESS = int(Status.SUCCESS)
 STATUS_NOT_AUTHORISED = 0x0124
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
-#: Warning statuses of the Storage service: the peer stored the instance (with
-#: coercion or discarded elements). They count as delivered and are logged.
-_WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
 
 #: Transfer syntaxes the SCP accepts: the uncompressed ones and the compressed
 #: ones pydicom + pylibjpeg decode (radiographs arrive in any of these).
@@ -243,7 +241,9 @@ def cstore(datasets: Iterable[Dataset], destination: CStoreDestinationLike, time
                                     ae_title=ae_title, host=host, port=port, sop_class_uid=sop_class)
             if code == STATUS_SUCCESS:
                 continue
-            if code in _WARNING_STATUSES:
+            # Storage warnings (PS3.4 B.2.3: coercion, elements discarded, data set does
+            # not match the SOP class) mean the peer stored it: delivered, and logged.
+            if code_to_category(code) == STATUS_WARNING:
                 LOGGER.warning("%s: stored with warning status 0x%04X", what, code)
                 continue
             # The peer's ErrorComment is free text: kept out of the message (no patient data in logs).
@@ -258,17 +258,8 @@ def cstore(datasets: Iterable[Dataset], destination: CStoreDestinationLike, time
 
 
 def _status_meaning(code: int) -> str:
-    if code == 0x0122:
-        return "SOP class not supported"
-    if code == 0x0124:
-        return "not authorised"
-    if 0xA700 <= code <= 0xA7FF:
-        return "out of resources"
-    if 0xA900 <= code <= 0xA9FF:
-        return "data set does not match SOP class"
-    if 0xC000 <= code <= 0xCFFF:
-        return "cannot understand"
-    return "failure"
+    """The Storage service's name for a status (PS3.4 Annex B.2.3, pynetdicom's table)."""
+    return STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "failure"))[1] or "failure"
 
 
 def _with_transfer_syntax(ds: Dataset, ts: UID) -> Dataset:

@@ -25,26 +25,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["colormap", "saliency_alpha", "render_overlay", "overlay_bands", "NOT_FOR_DIAGNOSTIC_USE"]
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
-
-# "jet"-like control points (position, r, g, b): blue -> cyan -> green -> yellow -> red.
-_JET = np.array(
-    [
-        [0.00, 0.0, 0.0, 0.5],
-        [0.11, 0.0, 0.0, 1.0],
-        [0.34, 0.0, 1.0, 1.0],
-        [0.50, 0.5, 1.0, 0.5],
-        [0.65, 1.0, 1.0, 0.0],
-        [0.89, 1.0, 0.0, 0.0],
-        [1.00, 0.5, 0.0, 0.0],
-    ],
-    dtype=np.float64,
-)
 
 _BAND_COLOUR = (12, 12, 12)
 _TEXT_COLOUR = (255, 255, 255)
@@ -54,12 +41,10 @@ _CAUTION_COLOUR = (255, 170, 40)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB uint8 (shape ``values.shape + (3,)``)."""
+    """Map values in [0, 1] (clipped) to RGB uint8 of shape ``values.shape + (3,)`` with
+    matplotlib's "jet" (blue -> cyan -> yellow -> red, the colour map saliency papers use)."""
     v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    out = np.empty(v.shape + (3,), dtype=np.uint8)
-    for c in range(3):
-        out[..., c] = np.round(255.0 * np.interp(v, _JET[:, 0], _JET[:, c + 1])).astype(np.uint8)
-    return out
+    return np.round(255.0 * matplotlib.colormaps["jet"](v)[..., :3]).astype(np.uint8)
 
 
 def saliency_alpha(values: np.ndarray, *, threshold: float, max_alpha: float) -> np.ndarray:

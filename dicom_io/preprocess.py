@@ -11,7 +11,6 @@ directly a display-space difference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,27 +21,24 @@ from monai.transforms import Compose, EnsureChannelFirst, Resize, SpatialPad
 Aspect = Literal["squash", "pad"]
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """What a classifier expects. ``aspect``: 'squash' resizes without keeping the
-    aspect ratio (how the Kermany training images were made); 'pad' pads to a square
-    first (for classifiers trained on aspect-preserved images)."""
-
-    size: tuple[int, int]
-    aspect: Aspect = "squash"
-
-    def __post_init__(self) -> None:
-        if len(self.size) != 2 or min(self.size) < 8:
-            raise ValueError(f"InputSpec.size must be two sides >= 8, got {self.size!r}")
-        if self.aspect not in ("squash", "pad"):
-            raise ValueError(f"InputSpec.aspect must be 'squash' or 'pad', got {self.aspect!r}")
-
-
 class Preprocessor:
-    """Builds the MONAI chain for one image and inverts maps back through it."""
+    """Builds the MONAI chain for one image and inverts maps back through it.
 
-    def __init__(self, spec: InputSpec):
-        self.spec = spec
+    ``size``: the classifier's (H, W) input grid, both sides >= 8 pixels.
+    ``aspect``: 'squash' resizes without keeping the aspect ratio (how the Kermany
+    training images were made); 'pad' pads to a square first (for classifiers trained
+    on aspect-preserved images). A bundle's ``input`` section (explainers.bundle.InputSpec)
+    holds both. Raises ValueError for any other value.
+    """
+
+    def __init__(self, size: tuple[int, int], aspect: Aspect = "squash"):
+        size = tuple(int(side) for side in size)
+        if len(size) != 2 or min(size) < 8:
+            raise ValueError(f"Preprocessor size must be two sides >= 8, got {size!r}")
+        if aspect not in ("squash", "pad"):
+            raise ValueError(f"Preprocessor aspect must be 'squash' or 'pad', got {aspect!r}")
+        self.size: tuple[int, int] = size  # type: ignore[assignment]
+        self.aspect: Aspect = aspect
         # MONAI checks that an inverse is run by the very transform object that
         # recorded the trace, so chains are kept per source shape.
         self._chains: dict[tuple[int, int], Compose] = {}
@@ -54,11 +50,11 @@ class Preprocessor:
 
     def _build_chain(self, shape: tuple[int, int]) -> Compose:
         steps = [EnsureChannelFirst(channel_dim="no_channel")]
-        if self.spec.aspect == "pad":
+        if self.aspect == "pad":
             side = max(shape)
             steps.append(SpatialPad(spatial_size=(side, side), mode="constant", value=0.0))
         # Anti-aliased bilinear: a clean downsample, and bilinear again on the way back.
-        steps.append(Resize(spatial_size=self.spec.size, mode="bilinear", anti_aliasing=True))
+        steps.append(Resize(spatial_size=self.size, mode="bilinear", anti_aliasing=True))
         return Compose(steps)
 
     def __call__(self, display: np.ndarray) -> MetaTensor:

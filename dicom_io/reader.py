@@ -112,7 +112,7 @@ _CROSS_SECTIONAL_SOP_CLASSES = frozenset(
 # one-component JPEG by some converters).
 _LUMINANCE_ONLY_PHOTOMETRICS = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420"})
 # Raw detector data (PS3.3 C.8.11.1.1.1 Presentation Intent Type): not what a
-# radiologist sees; the default rules refuse it (pipeline.rules, reason for_processing).
+# radiologist sees; the default rules refuse it (pipeline.pacs.rules, reason for_processing).
 FOR_PROCESSING_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
     "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing

@@ -14,6 +14,7 @@ concatenate the parts without a separator (so ``("ab", "c")`` and
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 from pydicom.uid import UID
@@ -76,3 +77,12 @@ def series_uid(
     paths, so that each path scrolls as its own stack).
     """
     return derived_uid("series", str(source_study_instance_uid), settings_key, kind, extra)
+
+
+def hash_text(value: str) -> str:
+    """A pseudonymous token for an identifier (a UID, a file name) in logs and folder names.
+
+    ``sha256(value)`` as hex, first 16 characters: stable, so lines about the same study
+    can be joined, and no patient or study identifier appears in clear.
+    """
+    return hashlib.sha256(str(value).encode()).hexdigest()[:16]

@@ -38,7 +38,7 @@ class TaskSpec(_Strict):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="decision threshold on P(positive)")
 
 
-class InputSpecModel(_Strict):
+class InputSpec(_Strict):
     size: tuple[int, int]
     channels: Literal[1] = 1
     aspect: Literal["squash", "pad"] = "squash"
@@ -90,7 +90,7 @@ class BundleSpec(_Strict):
     version: str
     description: str = ""
     task: TaskSpec
-    input: InputSpecModel
+    input: InputSpec
     classifier: ClassifierSpec
     explainers: dict[str, ExplainerSpec] = Field(default_factory=dict)
     domain_guard: DomainGuardSpec | None = None

@@ -2,7 +2,7 @@
 
 Runs in Orthanc's embedded interpreter (Debian's /usr/bin/python3.11, not the
 venv): standard library plus the project's stdlib-only modules
-(pipeline.jobqueue, dicom_io.output.is_medxplain_output, orthanc_plugin.core).
+(pipeline.pacs.jobqueue, dicom_io.output.is_medxplain_output, orthanc_plugin.core).
 No torch, no blocking: each callback is a short SQLite write, timed, and any
 exception is logged, never raised into Orthanc. The work is done by the worker
 (`medxplain worker`), which this script can start and supervise.
@@ -37,7 +37,7 @@ Least privilege: requests by the worker's account (``WorkerUser``) are limited
 by an HTTP filter to what the worker needs (core.WORKER_ALLOWED): read a study's
 series and instances, download instance files, store results, look up UIDs.
 
-Configuration: the "Medxplain" section (written by pipeline/orthanc_launcher.py):
+Configuration: the "Medxplain" section (written by pipeline/pacs/orthanc_launcher.py):
 ProjectRoot, QueuePath, MaxAttempts, BackoffSeconds, BackoffMaxSeconds,
 UnavailableDeadAfterSeconds, ReconcileSeconds, WorkerUser, StartWorker,
 WorkerCommand, WorkerEnv, WorkerLog, WorkerPidFile; ViewerFolder and ViewerPrefix
@@ -350,9 +350,16 @@ def _setup():
         if root not in sys.path:
             sys.path.insert(0, root)
         from dicom_io.output import is_medxplain_output  # noqa: F811 (stdlib-only at import)
-        from orthanc_plugin.core import (StudyMarks, Timings, WorkerSupervisor, basic_auth_user, jobs_answer,
-                                         orthanc_study_id, worker_may)
-        from pipeline.jobqueue import JobQueue
+        from orthanc_plugin.core import (
+            StudyMarks,
+            Timings,
+            WorkerSupervisor,
+            basic_auth_user,
+            jobs_answer,
+            orthanc_study_id,
+            worker_may,
+        )
+        from pipeline.pacs.jobqueue import JobQueue
 
         TIMES = Timings()
         if not CFG.get("QueuePath"):

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from config.schema import MedxplainConfig
 from dicom_io.output import OutputContext, is_medxplain_output
-from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.preprocess import Preprocessor
 from dicom_io.sc import counterfactual_sc, overlay_sc
 from dicom_io.seg import saliency_seg
 from dicom_io.source import SourceImage
@@ -89,7 +89,7 @@ class Engine:
         self.classifier = self.bundle.load_classifier(
             trusted_torchscript=tuple(config.trusted_torchscript), device=str(self.device))
         spec = self.bundle.spec
-        self.preprocessor = Preprocessor(InputSpec(tuple(spec.input.size), spec.input.aspect))
+        self.preprocessor = Preprocessor(spec.input.size, spec.input.aspect)
         # Before the explainers: a guard made for another classifier is refused here.
         self.domain_guard = DomainGuard.from_bundle(self.bundle, self.classifier)
         self.explainers = [build_explainer(name, self.bundle, config.explainer_parameters.get(name, {}))

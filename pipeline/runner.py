@@ -9,7 +9,7 @@ from dicom_io.errors import DicomInputError
 from dicom_io.output import is_medxplain_output
 from dicom_io.reader import read_radiograph
 from dicom_io.source import SourceImage
-from pipeline.audit import hash_text
+from dicom_io.uids import hash_text
 from pipeline.engine import Engine, ImageResult
 
 

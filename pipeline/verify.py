@@ -17,7 +17,7 @@ import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
 
-from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.preprocess import Preprocessor
 from dicom_io.reader import read_radiograph
 from explainers.bundle import Bundle
 
@@ -112,7 +112,7 @@ def verify_outputs(paths: list[Path], bundle: Bundle, *, device: str = "cpu") ->
     """
     files = _dicom_files(paths)
     classifier = bundle.load_classifier(device=device)
-    preprocess = Preprocessor(InputSpec(tuple(bundle.spec.input.size), bundle.spec.input.aspect))
+    preprocess = Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect)
     checks = []
     for path, header in files.values():
         if header.get("Modality") != "SR":

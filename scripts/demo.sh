@@ -71,8 +71,8 @@ from pathlib import Path
 
 import pydicom
 
-from pipeline import orthanc_launcher as launcher
-from pipeline.viewer import study_url
+from pipeline.pacs import orthanc_launcher as launcher
+from pipeline.pacs.viewer import study_url
 
 data, port, timeout, inputs = Path(sys.argv[1]).resolve(), int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
 uid_list = Path(sys.argv[5])
@@ -149,7 +149,7 @@ if [ -x /usr/bin/chromium ] && [ -s "$OUT/study_uids.txt" ]; then
   rm -rf "$OUT/screenshots"
   # shellcheck disable=SC2046
   .venv/bin/python scripts/viewer_screenshots.py "http://127.0.0.1:$HTTP_PORT" \
-    "$(.venv/bin/python -c "from pipeline.orthanc_launcher import credentials; import sys; print(credentials(sys.argv[1])['users']['admin'])" "$DATA")" \
+    "$(.venv/bin/python -c "from pipeline.pacs.orthanc_launcher import credentials; import sys; print(credentials(sys.argv[1])['users']['admin'])" "$DATA")" \
     "$OUT/screenshots" $(cat "$OUT/study_uids.txt")
 fi
 exit $status

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One install for every path (README, make demo, make test, CI, docker):
 # Debian packages (Orthanc + its Python, DICOMweb and Web Viewer plugins, dcmtk,
-# dicom3tools, Chromium for the viewer test), a Python 3.11 venv in .venv, the project
+# dicom3tools, Chromium for the viewer test, Redis for queue.backend celery), a Python 3.11 venv in .venv, the project
 # with its pinned dependencies, and the OHIF Viewer (npm @ohif/app, prebuilt) in .viewer/.
 # Idempotent: re-running skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools python3-venv python3-dev
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools python3-venv python3-dev redis-server
               chromium)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 missing=()
@@ -38,15 +38,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
-# OHIF, served by Orthanc under /ohif/ (pipeline/viewer.py): the prebuilt app of the pinned
+# OHIF, served by Orthanc under /ohif/ (pipeline/pacs/viewer.py): the prebuilt app of the pinned
 # release, fetched with `npm pack` (the package only, no dependencies, no build).
-if ! .venv/bin/python -c "import sys; from pipeline.viewer import installed; sys.exit(0 if installed() else 1)"; then
-  OHIF_VERSION=$(.venv/bin/python -c "from pipeline.viewer import OHIF_VERSION; print(OHIF_VERSION)")
+if ! .venv/bin/python -c "import sys; from pipeline.pacs.viewer import installed; sys.exit(0 if installed() else 1)"; then
+  OHIF_VERSION=$(.venv/bin/python -c "from pipeline.pacs.viewer import OHIF_VERSION; print(OHIF_VERSION)")
   echo "== npm: OHIF @ohif/app@$OHIF_VERSION"
   rm -rf .viewer/npm && mkdir -p .viewer/npm
   (cd .viewer/npm && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
   tar -xzf ".viewer/npm/ohif-app-$OHIF_VERSION.tgz" -C .viewer/npm
-  .venv/bin/python -m pipeline.viewer .viewer/npm/package/dist
+  .venv/bin/python -m pipeline.pacs.viewer .viewer/npm/package/dist
   rm -rf .viewer/npm
 fi
 echo "== install: ready (.venv/bin/medxplain)"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.preprocess import Preprocessor
 from tests.conftest import PROJECT_ROOT, kermany_subset
 
 DEMO_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia"
@@ -56,7 +56,7 @@ def sampled_test_images(kermany_dir: Path, n: int, seed: int = 0, size: int = 12
 
 
 def _preprocessed(kermany_dir: Path, rows: list[dict[str, str]], size: int) -> torch.Tensor:
-    preprocess = Preprocessor(InputSpec((size, size), "squash"))
+    preprocess = Preprocessor((size, size), "squash")
     out = []
     for r in rows:
         with Image.open(kermany_dir / r["path"]) as img:

@@ -23,9 +23,9 @@ import torch
 from config.schema import MedxplainConfig
 from dicom_io.errors import DicomInputError
 from dicom_io.reader import read_radiograph
-from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpecModel, TaskSpec, save_weights
+from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
 from explainers.networks import build_network
-from pipeline.rules import eligibility
+from pipeline.pacs.rules import eligibility
 
 TINY = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "init_features": 8, "growth_rate": 8,
         "block_config": [2, 2]}
@@ -38,7 +38,7 @@ def tiny_bundle(root: Path) -> Path:
     spec = BundleSpec(
         name="tiny-cxr", version="0.1", description="written by tests/header_cases.py",
         task=TaskSpec(finding="Pneumonia", positive_label="PNEUMONIA", negative_label="NORMAL", threshold=0.5),
-        input=InputSpecModel(size=(32, 32), aspect="squash"),
+        input=InputSpec(size=(32, 32), aspect="squash"),
         classifier=ClassifierSpec(architecture="monai.DenseNet", parameters=dict(TINY), weights=ref),
     )
     Bundle(root, spec, sha256="").save_spec()

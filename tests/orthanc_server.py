@@ -1,6 +1,6 @@
 """A real Orthanc (Debian package) with the medxplain plugin, for tests and benchmarks.
 
-``OrthancServer`` starts Orthanc through ``pipeline.orthanc_launcher`` on free
+``OrthancServer`` starts Orthanc through ``pipeline.pacs.orthanc_launcher`` on free
 loopback ports with its own data folder (storage, index, queue, logs) and stops
 it by process id (SIGTERM, then SIGKILL). Helpers send DICOM with dcmtk's
 ``storescu`` and with pynetdicom, call the REST API with the generated
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import orthanc_launcher as launcher
-from pipeline.jobqueue import JobQueue
+from pipeline.pacs import orthanc_launcher as launcher
+from pipeline.pacs.jobqueue import JobQueue
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MEDXPLAIN = PROJECT_ROOT / ".venv" / "bin" / "medxplain"

@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from explainers.bundle import Bundle
-from pipeline import benchmark
-from pipeline.benchmark import BenchmarkError, runnable_methods, select_cases
 from pipeline.cli import app
+from pipeline.evaluation import benchmark
+from pipeline.evaluation.benchmark import BenchmarkError, runnable_methods, select_cases
 from tests.conftest import PROJECT_ROOT, kermany_subset
 
 DEMO = PROJECT_ROOT / "bundles" / "demo-pneumonia"
@@ -146,7 +146,7 @@ class _FadeExplainer:
 
 def test_counterfactual_method_gets_validity_proximity_realism_and_figure_columns(lesion_data, tmp_path,
                                                                                   monkeypatch):
-    from pipeline.benchmark_report import write_report
+    from pipeline.evaluation.benchmark_report import write_report
 
     monkeypatch.setattr(benchmark, "explainer_class", lambda name: _FadeExplainer)
     monkeypatch.setattr(benchmark, "runnable_methods", lambda bundle, requested: (["fade"], {}))

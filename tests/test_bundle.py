@@ -22,7 +22,7 @@ from explainers.bundle import (
     BundleSpec,
     ClassifierSpec,
     ExplainerSpec,
-    InputSpecModel,
+    InputSpec,
     TaskSpec,
     save_weights,
     sha256_file,
@@ -52,7 +52,7 @@ def _spec(classifier: ClassifierSpec, **extra) -> BundleSpec:
     return BundleSpec(
         name="test-bundle", version="0.1", description="written by tests",
         task=TaskSpec(finding="Lesion", positive_label="LESION", negative_label="NORMAL", threshold=0.4),
-        input=InputSpecModel(size=(SIZE, SIZE), aspect="squash", mean=0.5, std=0.25),
+        input=InputSpec(size=(SIZE, SIZE), aspect="squash", mean=0.5, std=0.25),
         classifier=classifier, **extra,
     )
 

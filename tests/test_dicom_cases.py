@@ -169,7 +169,7 @@ def test_a_header_window_that_blanks_the_image_falls_back_and_a_blank_image_is_r
 
 def test_for_processing_is_refused_by_the_default_rules(cases_dir):
     from config import load_config
-    from pipeline.rules import eligibility
+    from pipeline.pacs.rules import eligibility
 
     ds = pydicom.dcmread(cases_dir / "dx_frame_of_reference_pixel_spacing.dcm", stop_before_pixels=True)
     rules = load_config(None).rules

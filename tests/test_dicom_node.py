@@ -24,8 +24,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_io.network import DeliveryError, cstore
-from pipeline.dicom_node import DicomNode
-from pipeline.jobqueue import JobQueue
+from pipeline.pacs.dicom_node import DicomNode
+from pipeline.pacs.jobqueue import JobQueue
 from tests.clock import FakeClock
 
 OUR_AE = "MEDXPLAIN"

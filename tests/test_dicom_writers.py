@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_validation import assert_valid, dcentvfy, dciodvfy, dsrdump
 from PIL import Image
 
 from dicom_io.output import OutputContext, is_medxplain_output
@@ -21,7 +22,6 @@ from dicom_io.seg import saliency_seg
 from dicom_io.source import SourceImage
 from dicom_io.sr import ExplainerRecord, audit_sr
 from dicom_io.uids import derived_uid
-from dicom_validation import assert_valid, dcentvfy, dciodvfy, dsrdump
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OVERLAY_PNG = PROJECT_ROOT / "docs" / "img" / "overlay_example.png"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import orthanc_launcher as launcher
+from pipeline.pacs import orthanc_launcher as launcher
 from tests.orthanc_server import OrthancServer, wait_for
 from tests.test_orthanc import (  # noqa: F401 (fixtures)
     cr_study,

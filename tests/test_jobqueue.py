@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline.jobqueue import JobQueue, QueueDamaged, inspect_queue, make_owner, owner_alive
+from pipeline.pacs.jobqueue import JobQueue, QueueDamaged, inspect_queue, make_owner, owner_alive
 from tests.clock import FakeClock
 
 

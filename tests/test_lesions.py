@@ -9,10 +9,10 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from dicom_io.preprocess import Preprocessor
 from explainers.lesions import KINDS, LesionError, LesionSpec, insert_lesion, lung_field_mask, random_lesion
 from pipeline.cli import app
-from pipeline.datasets import load_splits
-from dicom_io.preprocess import InputSpec
+from pipeline.training.datasets import load_splits
 from tests.conftest import kermany_subset
 
 
@@ -110,7 +110,7 @@ def test_make_lesions_writes_a_kermany_layout_that_load_splits_reads(kermany_dir
     again = CliRunner().invoke(app, ["make-lesions", "--data", str(source), "--out", str(tmp_path / "again")])
     assert again.exit_code == 0
     assert (tmp_path / "again" / "manifest.csv").read_text() == (out / "manifest.csv").read_text()
-    splits = load_splits(out, InputSpec((64, 64)), seed=0)
+    splits = load_splits(out, Preprocessor((64, 64)), seed=0)
     assert sum(len(s.labels) for s in splits.values()) == 28
 
 

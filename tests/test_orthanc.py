@@ -2,7 +2,7 @@
 
 The first four tests exercise orthanc_plugin/core.py (the plugin's parts that
 need no Orthanc) and are fast. The others are marked slow: each starts Orthanc
-from the Debian package through ``pipeline.orthanc_launcher`` on free loopback
+from the Debian package through ``pipeline.pacs.orthanc_launcher`` on free loopback
 ports with its own storage and queue (StableAge 1) and stops it by pid (SIGKILL
 fallback); the end-to-end ones share one Orthanc with a plugin-supervised worker
 (Grad-CAM). Studies are small CR images built from Kermany test radiographs
@@ -27,14 +27,20 @@ import pytest
 from PIL import Image
 
 from dicom_io.convert import cr_from_pixels
-from orthanc_plugin.core import (StudyMarks, Timings, WorkerSupervisor, basic_auth_user, jobs_answer,
-                                 orthanc_study_id, worker_may)
-from pipeline import orthanc_launcher as launcher
-from pipeline.jobqueue import JobQueue
+from orthanc_plugin.core import (
+    StudyMarks,
+    Timings,
+    WorkerSupervisor,
+    basic_auth_user,
+    jobs_answer,
+    orthanc_study_id,
+    worker_may,
+)
+from pipeline.pacs import orthanc_launcher as launcher
+from pipeline.pacs.jobqueue import JobQueue
 from tests.derived_dicom import derived  # noqa: F401 (fixture)
 from tests.dicom_validation import dciodvfy
 from tests.orthanc_server import TEST_BUNDLE, OrthancServer, python_command, require_orthanc, wait_for
-
 
 # ------------------------------------------------------------------ data
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.preprocess import Preprocessor
 
 SOURCE_SHAPE = (300, 200)  # rows, cols: deliberately not square
 MODEL_SIZE = (64, 64)
@@ -35,7 +35,7 @@ def _centroid(weights: np.ndarray) -> tuple[float, float]:
 def test_forward_gives_one_channel_model_grid_in_unit_range(aspect):
     rng = np.random.default_rng(0)
     display = rng.random(SOURCE_SHAPE, dtype=np.float32)
-    out = Preprocessor(InputSpec(MODEL_SIZE, aspect))(display)
+    out = Preprocessor(MODEL_SIZE, aspect)(display)
     assert isinstance(out, MetaTensor)
     assert tuple(out.shape) == (1, *MODEL_SIZE)
     assert out.dtype == torch.float32
@@ -48,8 +48,8 @@ def test_pad_keeps_aspect_and_squash_does_not():
     # A uniformly bright, tall image: 'pad' adds dark columns left and right before
     # resizing; 'squash' stretches it to fill the whole grid.
     display = np.ones(SOURCE_SHAPE, dtype=np.float32)
-    squash = Preprocessor(InputSpec(MODEL_SIZE, "squash"))(display)[0]
-    pad = Preprocessor(InputSpec(MODEL_SIZE, "pad"))(display)[0]
+    squash = Preprocessor(MODEL_SIZE, "squash")(display)[0]
+    pad = Preprocessor(MODEL_SIZE, "pad")(display)[0]
     # (MONAI's anti-aliasing blur darkens the outermost model pixels a little; the
     # classifier is trained through the same chain, so only the interior is checked)
     assert float(squash[4:-4, 4:-4].min()) > 0.99
@@ -62,7 +62,7 @@ def test_pad_keeps_aspect_and_squash_does_not():
 
 @pytest.mark.parametrize("aspect", ASPECTS)
 def test_inverse_of_constant_map_is_that_constant_on_the_source_grid(aspect):
-    pre = Preprocessor(InputSpec(MODEL_SIZE, aspect))
+    pre = Preprocessor(MODEL_SIZE, aspect)
     model_space = pre(np.random.default_rng(1).random(SOURCE_SHAPE, dtype=np.float32))
     back = pre.to_source(model_space, torch.full(MODEL_SIZE, 0.3))
     assert isinstance(back, np.ndarray)
@@ -72,7 +72,7 @@ def test_inverse_of_constant_map_is_that_constant_on_the_source_grid(aspect):
 
 @pytest.mark.parametrize("aspect", ASPECTS)
 def test_multichannel_inverse_keeps_channels(aspect):
-    pre = Preprocessor(InputSpec(MODEL_SIZE, aspect))
+    pre = Preprocessor(MODEL_SIZE, aspect)
     model_space = pre(np.zeros(SOURCE_SHAPE, dtype=np.float32))
     values = np.stack([np.full(MODEL_SIZE, 0.25, np.float32), np.full(MODEL_SIZE, 0.75, np.float32)])
     back = pre.to_source(model_space, values)
@@ -85,7 +85,7 @@ def test_multichannel_inverse_keeps_channels(aspect):
 @pytest.mark.parametrize("top,left", [(200, 40), (20, 150)])
 def test_bright_square_maps_back_onto_the_same_source_pixels(aspect, top, left):
     source = _source_with_square(top, left)
-    pre = Preprocessor(InputSpec(MODEL_SIZE, aspect))
+    pre = Preprocessor(MODEL_SIZE, aspect)
     model_space = pre(source)
     # the square is off-centre in model space too (a centred or flipped map would fail)
     model_row, model_col = _centroid(model_space[0].numpy())
@@ -101,7 +101,7 @@ def test_bright_square_maps_back_onto_the_same_source_pixels(aspect, top, left):
 
 
 def test_pad_inverse_crops_the_padding():
-    pre = Preprocessor(InputSpec(MODEL_SIZE, "pad"))
+    pre = Preprocessor(MODEL_SIZE, "pad")
     model_space = pre(np.ones(SOURCE_SHAPE, dtype=np.float32))
     # a map that is 1 only on the padded bands must come back as (nearly) nothing
     band = torch.zeros(MODEL_SIZE)
@@ -115,7 +115,7 @@ def test_pad_inverse_crops_the_padding():
 
 
 def test_one_preprocessor_inverts_images_of_different_shapes():
-    pre = Preprocessor(InputSpec(MODEL_SIZE, "pad"))
+    pre = Preprocessor(MODEL_SIZE, "pad")
     tall = pre(_source_with_square(200, 40))
     wide_source = np.zeros((120, 260), dtype=np.float32)
     wide_source[10:40, 200:230] = 1.0
@@ -130,14 +130,14 @@ def test_one_preprocessor_inverts_images_of_different_shapes():
 
 @pytest.mark.parametrize("aspect", ASPECTS)
 def test_map_of_wrong_shape_is_rejected(aspect):
-    pre = Preprocessor(InputSpec(MODEL_SIZE, aspect))
+    pre = Preprocessor(MODEL_SIZE, aspect)
     model_space = pre(np.zeros(SOURCE_SHAPE, dtype=np.float32))
     with pytest.raises(ValueError, match="does not match model grid"):
         pre.to_source(model_space, torch.zeros(32, 32))
 
 
 def test_tensor_without_trace_is_rejected():
-    pre = Preprocessor(InputSpec(MODEL_SIZE, "squash"))
+    pre = Preprocessor(MODEL_SIZE, "squash")
     with pytest.raises(ValueError, match="no MONAI trace"):
         pre.to_source(torch.zeros(1, *MODEL_SIZE), torch.zeros(MODEL_SIZE))
     with pytest.raises(ValueError, match="no MONAI trace"):
@@ -145,10 +145,10 @@ def test_tensor_without_trace_is_rejected():
 
 
 def test_bad_inputs_and_specs_are_rejected():
-    pre = Preprocessor(InputSpec(MODEL_SIZE))
+    pre = Preprocessor(MODEL_SIZE)
     with pytest.raises(ValueError, match="rows, cols"):
         pre(np.zeros((3, 40, 40), dtype=np.float32))
     with pytest.raises(ValueError, match="size"):
-        InputSpec((4, 4))
+        Preprocessor((4, 4))
     with pytest.raises(ValueError, match="aspect"):
-        InputSpec(MODEL_SIZE, "crop")  # type: ignore[arg-type]
+        Preprocessor(MODEL_SIZE, "crop")  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Eligibility rules (pipeline/rules.py) on real headers from the shared files and
+"""Eligibility rules (pipeline/pacs/rules.py) on real headers from the shared files and
 edited copies of them: CT, SR, colour, our own output, body part and view rules."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, DigitalXRayImageStorageForPresentation
 
 from config.schema import MatchRule, MedxplainConfig
-from pipeline.rules import eligibility, match_rule, series_exclusion
+from pipeline.pacs.rules import eligibility, match_rule, series_exclusion
 
 DEFAULT_RULES = MedxplainConfig().rules  # one rule: "chest radiographs", modalities CR and DX
 

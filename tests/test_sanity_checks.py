@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pipeline.engine  # noqa: F401  (registers every explainer)
 from explainers import evaluation as ev
 from explainers.base import explainer_class
 from explainers.bundle import Bundle

@@ -18,9 +18,8 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from config.schema import MedxplainConfig
-from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.preprocess import Preprocessor
 from dicom_io.reader import read_radiograph
-import pipeline.engine  # noqa: F401  (registers every explainer)
 from explainers.base import explainer_class
 from explainers.bundle import BUNDLE_FILE, Bundle, ClassifierMismatchError
 from explainers.domain import DomainGuard, fit_statistics, mahalanobis
@@ -54,7 +53,7 @@ def demo():
 
 
 def model_space(path: Path | str) -> torch.Tensor:
-    return Preprocessor(InputSpec((128, 128), "squash"))(read_radiograph(path).display).as_tensor()[None]
+    return Preprocessor((128, 128), "squash")(read_radiograph(path).display).as_tensor()[None]
 
 
 def photograph() -> torch.Tensor:
@@ -63,7 +62,7 @@ def photograph() -> torch.Tensor:
     pixels = pydicom.dcmread(SHARED_DATA / "dicom-cases" / "sc_empty_modality_lut_item.dcm").pixel_array
     pixels = pixels.astype("float32")
     pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min())
-    return Preprocessor(InputSpec((128, 128), "squash"))(pixels).as_tensor()[None]
+    return Preprocessor((128, 128), "squash")(pixels).as_tensor()[None]
 
 
 # -- the score ---------------------------------------------------------------------
@@ -207,8 +206,8 @@ def test_train_domain_guard_writes_a_pinned_calibrated_guard(tmp_path, kermany_d
 def test_the_pacs_worker_skips_out_of_domain_with_the_reason_in_the_audit(tmp_path, cr_jpeg):
     import shutil
 
-    from pipeline.audit import AuditLog
-    from pipeline.worker import Worker, open_queue
+    from pipeline.pacs.audit import AuditLog
+    from pipeline.pacs.worker import Worker, open_queue
     from tests.test_worker import make_config
 
     cfg = make_config(tmp_path, DEMO_BUNDLE)  # trust.out_of_domain unset: the PACS default, skip

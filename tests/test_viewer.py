@@ -3,7 +3,7 @@
 Real parts only: the engine explains the shared DICOM files (Grad-CAM, and the
 amortised generative method sagen, which writes a counterfactual SC), Orthanc
 (Debian) with its DICOMweb plugin serves them and OHIF (npm ``@ohif/app``,
-pinned in pipeline/viewer.py, installed by scripts/install.sh) from one origin,
+pinned in pipeline/pacs/viewer.py, installed by scripts/install.sh) from one origin,
 and Debian's Chromium, driven by Playwright (never ``playwright install``),
 opens every series of every explained study:
 
@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-
 from orthanc_server import OrthancServer
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +44,8 @@ TIMEOUT_MS = 60_000
 
 
 def _requirements() -> None:
-    from pipeline import orthanc_launcher as launcher
-    from pipeline.viewer import installed, ohif_folder
+    from pipeline.pacs import orthanc_launcher as launcher
+    from pipeline.pacs.viewer import installed, ohif_folder
 
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (scripts/install.sh)")
@@ -62,8 +61,9 @@ def explained(tmp_path_factory, shared_dicom_files):
     """The engine's objects for every shared DICOM file it explains (one image per batch,
     so that one rejected case cannot take others with it)."""
     _requirements()
-    from config import load_config
     from conftest import SHARED_DATA
+
+    from config import load_config
     from pipeline.engine import Engine
     from pipeline.runner import explain_paths
 
@@ -83,7 +83,7 @@ def explained(tmp_path_factory, shared_dicom_files):
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """Orthanc (Debian) with its DICOMweb plugin and OHIF on one origin, no worker."""
-    from pipeline import orthanc_launcher as launcher
+    from pipeline.pacs import orthanc_launcher as launcher
 
     _requirements()
     server = OrthancServer(tmp_path_factory.mktemp("orthanc"), stable_age=3600).start(viewer=True)
@@ -97,7 +97,7 @@ def _upload(server, password: str, outcome) -> str | None:
     """Store a source and its objects; returns Orthanc's study id, or None when Orthanc's
     DICOMweb plugin cannot serve the source's frames (sc_deflated_no_body_part.dcm: Deflated
     Explicit VR Little Endian -> HTTP 500): no viewer could show that source, whatever we write."""
-    from pipeline import orthanc_launcher as launcher
+    from pipeline.pacs import orthanc_launcher as launcher
 
     def post(body: bytes) -> dict:
         status, answer = launcher.request(server.url + "/instances", user=launcher.ADMIN_USER, password=password,
@@ -120,7 +120,7 @@ def _upload(server, password: str, outcome) -> str | None:
 
 
 def _delete(server, password: str, study: str) -> None:
-    from pipeline import orthanc_launcher as launcher
+    from pipeline.pacs import orthanc_launcher as launcher
 
     launcher.request(f"{server.url}/studies/{study}", user=launcher.ADMIN_USER, password=password, method="DELETE")
 

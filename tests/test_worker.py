@@ -27,12 +27,13 @@ import yaml
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, generate_uid
 
 from config.schema import MedxplainConfig
-from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpecModel, TaskSpec, save_weights
+from dicom_io.uids import hash_text
+from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
 from explainers.networks import build_network
-from pipeline.audit import AuditLog, Redactor, ScrubUIDsFilter, hash_text
-from pipeline.jobqueue import JobQueue
-from pipeline.orthanc_client import OrthancClient, OrthancConfigError, OrthancRequestError, OrthancUnavailable
-from pipeline.worker import Worker, open_queue
+from pipeline.pacs.audit import AuditLog, Redactor, ScrubUIDsFilter
+from pipeline.pacs.jobqueue import JobQueue
+from pipeline.pacs.orthanc_client import OrthancClient, OrthancConfigError, OrthancRequestError, OrthancUnavailable
+from pipeline.pacs.worker import Worker, open_queue
 from tests.clock import FakeClock
 from tests.conftest import PROJECT_ROOT
 
@@ -53,7 +54,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     spec = BundleSpec(
         name="tiny-cxr", version="0.1", description="written by tests/test_worker.py",
         task=TaskSpec(finding="Pneumonia", positive_label="PNEUMONIA", negative_label="NORMAL", threshold=0.5),
-        input=InputSpecModel(size=(32, 32), aspect="squash"),
+        input=InputSpec(size=(32, 32), aspect="squash"),
         classifier=ClassifierSpec(architecture="monai.DenseNet", parameters=dict(TINY), weights=ref),
     )
     Bundle(root, spec, sha256="").save_spec()
@@ -565,7 +566,7 @@ class OrthancServer:
         deadline = time.time() + 30
         while True:
             try:
-                client.system()
+                client.get_json("/system")
                 return
             except OrthancUnavailable:
                 if self.proc.poll() is not None or time.time() > deadline:
@@ -604,7 +605,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     client = orthanc.client()
     # Authentication is on: a wrong password is a 4xx, not something to retry.
     with pytest.raises(OrthancRequestError) as refused:
-        orthanc.client("wrong").system()
+        orthanc.client("wrong").get_json("/system")
     assert refused.value.status == 401
 
     # One good radiograph and bad instances of the same study.
@@ -622,7 +623,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     assert client.post_instance(cr_jpeg.read_bytes())["Status"] == "AlreadyStored"
     study = answers[0]["ParentStudy"]
     assert {a["ParentStudy"] for a in answers} == {study}
-    assert len(client.study_instances(study)) == 4
+    assert len(client.get_json(f"/studies/{study}/instances")) == 4
     source_uid = str(pydicom.dcmread(cr_jpeg, stop_before_pixels=True).SOPInstanceUID)
     assert [r["Type"] for r in client.lookup(source_uid)] == ["Instance"]
     assert client.lookup("1.2.3.4.5.6.7.8.9") == []
@@ -643,7 +644,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     assert result["outputs_stored"] == {"orthanc": 3}
     report_uid = next(iter(worker._engines.values())).report_uid(source_uid)
     assert [r["Type"] for r in client.lookup(report_uid)] == ["Instance"]
-    assert len(client.study_instances(study)) == 7  # overlay SC, SEG and SR joined the study
+    assert len(client.get_json(f"/studies/{study}/instances")) == 7  # overlay SC, SEG and SR joined the study
 
     # A re-fire: the source is already explained; our own series are not even downloaded.
     job2, _ = queue.enqueue(f"orthanc:{study}", {"kind": "orthanc", "study": study})
@@ -651,7 +652,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     result = queue.get(job2).result
     assert result["instances"]["already_done"] == 1 and result["instances"]["explained"] == 0
     assert result["skipped"]["medxplain_output"] == 3 and result["outputs_stored"] == {}
-    assert len(client.study_instances(study)) == 7
+    assert len(client.get_json(f"/studies/{study}/instances")) == 7
 
     # A deleted study: dead at once with the reason.
     gone, _ = queue.enqueue("orthanc:deadbeef", {"kind": "orthanc", "study": "deadbeef"})
@@ -661,7 +662,7 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
     # Orthanc down: transient, back to pending with back-off.
     orthanc.stop()
     with pytest.raises(OrthancUnavailable):
-        client.system()
+        client.get_json("/system")
     job3, _ = queue.enqueue(f"orthanc:{study}", {"kind": "orthanc", "study": study})
     assert worker.run_once() == ["pending"]
     assert queue.get(job3).last_error.startswith("OrthancUnavailable")
@@ -671,8 +672,8 @@ def test_orthanc_client_and_orthanc_job_end_to_end(tmp_path, bundle_dir, cr_jpeg
 
 def test_failures_are_classified_by_what_retrying_can_do():
     from dicom_io.network import DeliveryError
-    from pipeline.orthanc_client import OrthancConfigError
-    from pipeline.worker import _classify
+    from pipeline.pacs.orthanc_client import OrthancConfigError
+    from pipeline.pacs.worker import _classify
 
     down = dict(ae_title="PACS", host="127.0.0.1", port=104)
     assert _classify(OrthancUnavailable("refused")) == "unavailable"

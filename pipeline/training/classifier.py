@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dicom_io.preprocess import InputSpec
-from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpecModel, TaskSpec, save_weights
+from dicom_io.preprocess import Preprocessor
+from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
+from explainers.metrics import classification_metrics
 from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
 from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig, predict_probabilities
 from explainers.training import fit
-from explainers.metrics import classification_metrics
-from pipeline.datasets import load_splits
+from pipeline.training.datasets import load_splits
 
 KERMANY_ATTRIBUTION = (
     "Kermany D, Zhang K, Goldbaum M (2018), \"Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
@@ -64,11 +64,10 @@ def train_classifier_bundle(
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    spec_in = InputSpec((size, size), "squash")
-    splits = load_splits(data, spec_in, seed=seed)
+    splits = load_splits(data, Preprocessor((size, size), "squash"), seed=seed)
     torch.manual_seed(seed)
     network = build_network(DEFAULT_ARCHITECTURE, DEFAULT_PARAMETERS)
-    input_model = InputSpecModel(size=(size, size), aspect="squash", mean=0.5, std=0.25)
+    input_model = InputSpec(size=(size, size), aspect="squash", mean=0.5, std=0.25)
     model = BinaryClassifier(network, mean=input_model.mean, std=input_model.std)
     config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device,
                                       augmentation=augmentation)

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dicom_io.preprocess import InputSpec
+from dicom_io.preprocess import Preprocessor
 from explainers.bundle import Bundle, BundleError, ExplainerSpec, save_weights
 from explainers.training import Trainer, TrainingSettings, bundle_trainers, fit
-from pipeline.datasets import Split, load_splits
+from pipeline.training.datasets import Split, load_splits
 
 #: Every trainable explainer, by method id: its trainer declaration.
 TRAINERS: dict[str, type[Trainer]] = bundle_trainers()
@@ -46,7 +46,7 @@ def training_splits(bundle: Bundle, data: Path, *, max_images: int | None, seed:
     if max_images is not None and max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {max_images}")
     spec = bundle.spec
-    splits = load_splits(data, InputSpec(tuple(spec.input.size), spec.input.aspect),
+    splits = load_splits(data, Preprocessor(spec.input.size, spec.input.aspect),
                          seed=int(spec.training.get("seed", 0)))
     return {name: seeded_subset(s, max_images, seed) for name, s in splits.items()}
 

@@ -140,13 +140,6 @@ class OrthancClient:
             raise OrthancUnavailable(f"{method} {path}: answer is not JSON", method=method, path=path) from None
 
     # -- the calls the worker needs ---------------------------------------------
-    def system(self) -> dict[str, Any]:
-        return self.get_json("/system")
-
-    def study_instances(self, study_id: str) -> list[dict[str, Any]]:
-        """Every instance of the study (``ID``, ``ParentSeries``, ``MainDicomTags``...)."""
-        return self.get_json(f"/studies/{_id(study_id)}/instances")
-
     def study_series(self, study_id: str) -> list[dict[str, Any]]:
         """Every series of the study (``ID``, ``Instances``, ``MainDicomTags``...)."""
         return self.get_json(f"/studies/{_id(study_id)}/series")

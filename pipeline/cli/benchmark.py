@@ -23,8 +23,8 @@ def make_lesions_command(
 ) -> None:
     """Insert synthetic lesions of known mask into real NORMAL radiographs."""
     from explainers.lesions import LesionError
-    from pipeline.datasets import DatasetError
-    from pipeline.lesion_data import count_normal, make_lesion_dataset
+    from pipeline.evaluation.lesion_data import count_normal, make_lesion_dataset
+    from pipeline.training.datasets import DatasetError
 
     try:
         total = count_normal(data)
@@ -59,8 +59,8 @@ def benchmark_command(
     import shlex
     import time
 
-    from pipeline.benchmark import BenchmarkError, run_benchmark
-    from pipeline.benchmark_report import write_report
+    from pipeline.evaluation.benchmark import BenchmarkError, run_benchmark
+    from pipeline.evaluation.benchmark_report import write_report
 
     started = time.perf_counter()
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

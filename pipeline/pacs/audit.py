@@ -13,7 +13,6 @@ text reaches the audit log, the queue's last error or the log.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog", "JobAudit", "Redactor", "ScrubUIDsFilter", "hash_text"]
+from dicom_io.uids import hash_text
+
+__all__ = ["AuditLog", "JobAudit", "Redactor", "ScrubUIDsFilter"]
 
 # A DICOM UID with at least five components (IPv4 addresses and versions have fewer).
 _UID = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){4,}(?![\w.])")
@@ -32,11 +33,6 @@ _UID = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){4,}(?![\w.])")
 _IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
                 "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
                 "ReferringPhysicianName", "InstitutionName", "StudyID")
-
-
-def hash_text(value: str) -> str:
-    """``sha256(value)[:16]``: stable, so lines about the same study can be joined."""
-    return hashlib.sha256(str(value).encode()).hexdigest()[:16]
 
 
 class Redactor:

@@ -1,4 +1,5 @@
-"""CLI of the PACS worker: `medxplain worker` and `medxplain jobs list|retry|purge|add`.
+"""CLI of the PACS worker: `medxplain worker`, `medxplain dispatcher` (queue.backend celery) and
+`medxplain jobs list|retry|purge|add|add-dicomweb`.
 
 torch is imported only when the worker builds its first engine, so the `jobs`
 commands answer at once.
@@ -36,8 +37,8 @@ def _config(path: Path | None):
 def _open(cfg, queue_path: Path | None):
     """The queue, or a clear message and exit status 2 when its file is emptied or damaged
     (its owner, the Orthanc plugin or the DICOM node, recovers it at start-up)."""
-    from pipeline.jobqueue import QueueDamaged
-    from pipeline.worker import open_queue
+    from pipeline.pacs.jobqueue import QueueDamaged
+    from pipeline.pacs.worker import open_queue
 
     try:
         return open_queue(cfg, queue_path)
@@ -61,7 +62,7 @@ def _age(seconds: float) -> str:
 
 def _setup_logging(verbose: bool) -> None:
     """Our lines at INFO (DEBUG with -v), other libraries' at WARNING; every UID hashed."""
-    from pipeline.audit import ScrubUIDsFilter
+    from pipeline.pacs.audit import ScrubUIDsFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -86,10 +87,19 @@ def worker_command(
     import os
     import threading
 
-    from pipeline.worker import Worker, install_signal_handlers
+    from pipeline.pacs.worker import Worker, install_signal_handlers
 
     _setup_logging(verbose)
     cfg = _config(config)
+    if cfg.queue.backend == "celery":
+        # Tasks come from the broker (pipeline/pacs/celery_queue.py), not from a queue file.
+        if once or queue is not None:
+            console.print("[red]--once and --queue apply to queue.backend sqlite; this config uses celery[/]")
+            raise typer.Exit(2)
+        from pipeline.pacs.celery_queue import run_worker
+
+        run_worker(cfg, config, name=owner, loglevel="DEBUG" if verbose else "INFO")
+        return
     job_queue = _open(cfg, queue)
     worker = Worker(cfg, job_queue, owner)
     stop = threading.Event()
@@ -118,6 +128,32 @@ def worker_command(
         raise typer.Exit(130)
 
 
+def dispatcher_command(
+    config: Path = typer.Option(None, "--config", help=_CONFIG_HELP),
+    queue: Path = typer.Option(None, "--queue", help=_QUEUE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    """queue.backend celery: publish this Orthanc's outbox (the queue file) to Celery and
+    record each job's outcome back in it. The Orthanc plugin starts it like the worker."""
+    import threading
+
+    from pipeline.pacs.dispatcher import Dispatcher
+    from pipeline.pacs.worker import install_signal_handlers
+
+    _setup_logging(verbose)
+    cfg = _config(config)
+    if cfg.queue.backend != "celery":
+        console.print("[red]the dispatcher needs queue.backend: celery (with sqlite, run `medxplain worker`)[/]")
+        raise typer.Exit(2)
+    dispatcher = Dispatcher(cfg, _open(cfg, queue))
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        dispatcher.run_forever(stop)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
 @jobs_app.command("list")
 def jobs_list(
     state: str = typer.Option(None, "--state", help="pending | leased | done | dead"),
@@ -129,7 +165,7 @@ def jobs_list(
     """List jobs: id, key, state, attempts, last error, age."""
     from rich.table import Table
 
-    from pipeline.jobqueue import STATES
+    from pipeline.pacs.jobqueue import STATES
 
     if state is not None and state not in STATES:
         console.print(f"[red]unknown state {state!r}; one of {', '.join(STATES)}[/]")
@@ -216,7 +252,7 @@ def jobs_add(
     queue: Path = typer.Option(None, "--queue", help=_QUEUE_HELP),
 ) -> None:
     """Queue a folder for the worker (results to a folder, C-STORE or Orthanc). The folder is kept."""
-    from pipeline.audit import hash_text
+    from pipeline.pacs.audit import hash_text
 
     if (out is not None) + cstore + orthanc != 1:
         console.print("[red]give exactly one of --out DIR, --cstore, --orthanc[/]")
@@ -235,7 +271,34 @@ def jobs_add(
     console.print(f"{'queued' if created else 'already queued'}: job {job_id}")
 
 
+@jobs_app.command("add-dicomweb")
+def jobs_add_dicomweb(
+    study_uids: list[str] = typer.Argument(..., help="Study Instance UID(s) on the `dicomweb` server"),
+    config: Path = typer.Option(None, "--config", help=_CONFIG_HELP),
+    queue: Path = typer.Option(None, "--queue", help=_QUEUE_HELP),
+) -> None:
+    """Queue studies of the DICOMweb server (config `dicomweb`): fetched by QIDO-RS/WADO-RS,
+    results stored back by STOW-RS. Job key dicomweb:<StudyInstanceUID>."""
+    from pydicom.valuerep import validate_value
+
+    cfg = _config(config)
+    if cfg.dicomweb is None:
+        console.print("[red]no DICOMweb server configured: set the `dicomweb` section (url, auth)[/]")
+        raise typer.Exit(2)
+    for uid in study_uids:
+        try:
+            validate_value("UI", uid, validation_mode=2)
+        except ValueError:
+            console.print("[red]not a valid Study Instance UID (digits and dots, at most 64 characters)[/]")
+            raise typer.Exit(2)
+    job_queue = _open(cfg, queue)
+    for uid in study_uids:
+        job_id, created = job_queue.enqueue(f"dicomweb:{uid}", {"kind": "dicomweb", "study_uid": uid})
+        console.print(f"{'queued' if created else 'already queued'}: job {job_id}")
+
+
 def register(app: typer.Typer) -> None:
     """Add `worker` and `jobs` to the `medxplain` app."""
     app.command("worker")(worker_command)
+    app.command("dispatcher")(dispatcher_command)
     app.add_typer(jobs_app, name="jobs")

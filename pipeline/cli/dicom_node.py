@@ -1,4 +1,4 @@
-"""`medxplain serve-dicom`: the standalone DICOM node (see pipeline/dicom_node.py)."""
+"""`medxplain serve-dicom`: the standalone DICOM node (see pipeline/pacs/dicom_node.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +34,7 @@ def serve_dicom_command(
 
     from config import ConfigError, load_config
     from config.schema import DicomNodeConfig, resolve
-    from pipeline.dicom_node import DicomNode, StudyQueued
+    from pipeline.pacs.dicom_node import DicomNode, StudyQueued
 
     console = Console(width=None if Console().is_terminal else 160)
     try:

@@ -3,7 +3,7 @@ data set in the same layout (PNG images, manifest.csv) plus exact lesion masks.
 
 Per split, each NORMAL image appears once: with an inserted lesion (label 1) or
 untouched (label 0), half and half by a seeded permutation. Patient tokens are kept,
-so pipeline.datasets.load_splits carves validation by patient as for Kermany.
+so pipeline.training.datasets.load_splits carves validation by patient as for Kermany.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from explainers.lesions import random_lesion
-from pipeline.datasets import DatasetError, read_manifest
+from pipeline.training.datasets import DatasetError, read_manifest
 
 FIELDS = ["path", "split", "label", "class_name", "source_patient_token", "mask", "lesion_kind",
           "lesion_area", "source_path", "sha1"]

@@ -50,7 +50,7 @@ def _train_command(method: str, trainer: Any) -> Callable[..., None]:
     def command(**options: Any) -> None:
         from explainers.bundle import BundleError
         from explainers.training import settings_from_options
-        from pipeline.datasets import DatasetError
+        from pipeline.training.datasets import DatasetError
         from pipeline.training.explainers import train_explainer_bundle
 
         bundle, data, max_images = options.pop("bundle"), options.pop("data"), options.pop("max_images")
@@ -108,7 +108,7 @@ def train_domain_guard_command(
     """Fit and calibrate the bundle's domain guard (out-of-distribution score on the classifier's features)."""
     from explainers.bundle import BundleError
     from explainers.domain import DomainGuardError
-    from pipeline.datasets import DatasetError
+    from pipeline.training.datasets import DatasetError
     from pipeline.training.domain_guard import train_domain_guard
 
     try:
@@ -292,10 +292,7 @@ def _load(loader, path, overrides):
 
 
 # PACS commands (worker and jobs, orthanc, serve-dicom) live in their own modules.
-from pipeline import benchmark_cli, dicom_node_cli, orthanc_cli, worker_cli  # noqa: E402
+from pipeline.cli import benchmark, dicom_node, orthanc, worker  # noqa: E402
 
-for _module in (worker_cli, orthanc_cli, dicom_node_cli, benchmark_cli):
+for _module in (worker, orthanc, dicom_node, benchmark):
     _module.register(app)
-
-if __name__ == "__main__":
-    app()

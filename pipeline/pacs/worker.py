@@ -12,6 +12,11 @@ Job payloads (``JobQueue.enqueue(key, payload)``):
   enqueued by the Orthanc plugin): instances are fetched through Orthanc's REST
   API and results stored into the same study (``delivery.orthanc``), and also
   C-STOREd when ``delivery.cstore`` is set.
+- ``{"kind": "dicomweb", "study_uid": "<StudyInstanceUID>"}`` (key ``dicomweb:<uid>``,
+  ``medxplain jobs add-dicomweb``): a study on the ``dicomweb`` server, listed by
+  QIDO-RS, fetched by WADO-RS, results stored back by STOW-RS
+  (``pipeline/pacs/dicomweb.py``). ``delivery.dicomweb`` also STOWs the results of
+  Orthanc jobs there.
 - ``{"kind": "folder", "folder": "<abs path>", "deliver": "cstore" | "folder" | "orthanc",
   ["out": "<dir>"], ["destination": {ae_title, host, port, calling_ae_title}],
   ["delete_folder": bool]}``: DICOM files of one study on disk (the DICOM node's
@@ -75,10 +80,11 @@ from pydicom.errors import InvalidDicomError
 from config.schema import CStoreDestination, MatchRule, MedxplainConfig, resolve
 from dicom_io.errors import DicomInputError, UnreadableFileError
 from dicom_io.reader import read_radiograph
-from pipeline.audit import AuditLog, JobAudit, Redactor, hash_text
-from pipeline.jobqueue import Job, JobQueue, make_owner
-from pipeline.orthanc_client import OrthancClient, OrthancRequestError, OrthancUnavailable
-from pipeline.rules import eligibility, match_rule, series_exclusion
+from dicom_io.uids import hash_text
+from pipeline.pacs.audit import AuditLog, JobAudit, Redactor
+from pipeline.pacs.jobqueue import Job, JobQueue, make_owner
+from pipeline.pacs.orthanc_client import OrthancClient, OrthancRequestError, OrthancUnavailable
+from pipeline.pacs.rules import eligibility, match_rule, series_exclusion
 
 if TYPE_CHECKING:  # torch is imported when the first engine is built, not before
     from dicom_io.source import SourceImage
@@ -119,7 +125,7 @@ class _LeaseLost(Exception):
 def open_queue(config: MedxplainConfig, path: str | Path | None = None, *,
                clock: Callable[[], float] = time.time, recover: bool = False) -> JobQueue:
     """The job queue of ``config`` (``queue.path``, relative to the project root), or ``path``.
-    Raises ``pipeline.jobqueue.QueueDamaged`` for an emptied or damaged file unless ``recover``."""
+    Raises ``pipeline.pacs.jobqueue.QueueDamaged`` for an emptied or damaged file unless ``recover``."""
     q = config.queue
     return JobQueue(Path(path) if path else resolve(q.path), max_attempts=q.max_attempts,
                     backoff_s=q.backoff_s, backoff_max_s=q.backoff_max_s,
@@ -377,8 +383,10 @@ class Worker:
                 self._orthanc_job(state)
             elif kind == "folder":
                 cleanup = self._folder_job(state)
+            elif kind == "dicomweb":
+                self._dicomweb_job(state)
             else:
-                raise JobFailed(f"unknown job kind {kind!r} (known: orthanc, folder)")
+                raise JobFailed(f"unknown job kind {kind!r} (known: orthanc, folder, dicomweb)")
             if state.errors:
                 raise ImagesFailed(f"{len(state.errors)} image(s) could not be explained; "
                                    f"first: {state.errors[0]}")
@@ -469,6 +477,8 @@ class Worker:
         deliveries: list[_Delivery] = []
         if self.config.delivery.cstore is not None:
             deliveries.append(_CStoreDelivery(self.config.delivery.cstore))
+        if self.config.delivery.dicomweb:
+            deliveries.append(self._stow())
         if self.config.delivery.orthanc:
             deliveries.append(_OrthancDelivery(self.orthanc))  # last: it tells "already done"
         if not deliveries:
@@ -506,6 +516,37 @@ class Worker:
             return _parse_bytes(data, instance_id)
 
         return _Item(label=instance_id, header=header, image=lambda ds: read_radiograph(ds))
+
+    def _stow(self) -> _Delivery:
+        from pipeline.pacs.dicomweb import DicomwebServer, StowDelivery
+
+        return StowDelivery(DicomwebServer(self.config.dicomweb))  # type: ignore[return-value]
+
+    def _dicomweb_job(self, state: _JobState) -> None:
+        """A study on a DICOMweb server (pipeline/pacs/dicomweb.py): QIDO-RS lists, WADO-RS
+        fetches, results go back by STOW-RS (last: it tells "already done")."""
+        from pipeline.pacs.dicomweb import DicomwebServer, StowDelivery
+
+        study_uid = state.job.payload.get("study_uid")
+        if not isinstance(study_uid, str) or not study_uid:
+            raise JobFailed("dicomweb job without a 'study_uid' (Study Instance UID)")
+        server = DicomwebServer(self.config.dicomweb)
+        state.deliveries = ([_CStoreDelivery(self.config.delivery.cstore)] if self.config.delivery.cstore else []) \
+            + [StowDelivery(server)]  # type: ignore[list-item]
+        series_list = server.study_series(study_uid)
+        if not series_list:
+            raise JobFailed(f"study_not_found: the DICOMweb server has no study {hash_text(study_uid)}")
+        items: list[_Item] = []
+        for series in sorted(series_list, key=lambda s: str(s.get("SeriesInstanceUID", ""))):
+            series_uid = str(series.get("SeriesInstanceUID", ""))
+            instances = server.series_instances(study_uid, series_uid)
+            excluded = series_exclusion(series, self.config.rules)
+            if excluded is not None:
+                state.audit.skip(excluded, len(instances))
+                continue
+            items += [_Item(label=hash_text(sop_uid), header=lambda so=sop_uid, se=series_uid: server.instance(
+                study_uid, se, so), image=lambda ds: read_radiograph(ds)) for sop_uid in instances]
+        self._run_items(state, items)
 
     def _folder_job(self, state: _JobState) -> Callable[[], None] | None:
         payload = state.job.payload
@@ -673,8 +714,11 @@ def _classify(exc: BaseException) -> str:
     """What a job failure calls for: ``"unavailable"`` (defer, spend no attempt),
     ``"permanent"`` (dead at once) or ``"retry"`` (back-off, counted attempts).
     See the module docstring."""
-    from pipeline.orthanc_client import OrthancConfigError
+    from pipeline.pacs.orthanc_client import OrthancConfigError
 
+    kind = getattr(exc, "failure_kind", None)  # errors that say it themselves (pipeline/pacs/dicomweb.py)
+    if kind in ("unavailable", "permanent", "retry"):
+        return kind
     if isinstance(exc, OrthancConfigError):
         return "unavailable"  # e.g. the password variable unset: nothing is wrong with the job
     if isinstance(exc, (OrthancUnavailable, OrthancRequestError)):
@@ -710,9 +754,9 @@ def deterministic_failure(exc: BaseException) -> str | None:
 
 def _expected(exc: BaseException) -> bool:
     """Failures whose message says it all (no traceback in the log)."""
-    from pipeline.orthanc_client import OrthancError
+    from pipeline.pacs.orthanc_client import OrthancError
 
-    if isinstance(exc, (OrthancError, DeliveryFailed, ImagesFailed)):
+    if isinstance(exc, (OrthancError, DeliveryFailed, ImagesFailed)) or hasattr(exc, "failure_kind"):
         return True
     return type(exc).__name__ == "DeliveryError"
 

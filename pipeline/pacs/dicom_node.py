@@ -63,8 +63,8 @@ from dicom_io.network import (
     StorageSCP,
 )
 from dicom_io.output import is_medxplain_output
-from pipeline.audit import hash_text
-from pipeline.jobqueue import JobQueue
+from dicom_io.uids import hash_text
+from pipeline.pacs.jobqueue import JobQueue
 
 if TYPE_CHECKING:  # pragma: no cover
     from config.schema import MedxplainConfig

@@ -15,9 +15,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from pipeline.benchmark import (  # noqa: E402
-    CLASSIFIER_INDEPENDENT, CLASSIFIER_PARTLY, NOISE_LEVELS, SANITY_STAGES, BenchmarkResult, MethodRun,
-    depends_on_classifier)
+from pipeline.evaluation.benchmark import (  # noqa: E402
+    CLASSIFIER_INDEPENDENT,
+    CLASSIFIER_PARTLY,
+    NOISE_LEVELS,
+    SANITY_STAGES,
+    BenchmarkResult,
+    MethodRun,
+    depends_on_classifier,
+)
 
 FIGURE_DPI = 72
 PATH_STEPS_SHOWN = 3

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dicom_io.preprocess import InputSpec, Preprocessor
+from dicom_io.preprocess import Preprocessor
 
-CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "datasets"
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "datasets"
 
 
 class DatasetError(Exception):
@@ -46,27 +46,51 @@ def read_manifest(root: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _load_rows(root: Path, rows: list[dict[str, str]], spec: InputSpec) -> Split:
+def read_images(root: Path, rows: list[dict[str, str]], preprocessor: Preprocessor
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The manifest rows' images (and masks, where every row has a ``mask`` column) on
+    the model grid. The one image loader of training and evaluation.
+
+    Returns uint8 images (N, 1, H, W), model space * 255 (the quantisation training
+    sees), and boolean masks (N, H, W) resampled by the same chain (kept where >= 0.5),
+    or None. Raises DatasetError for an image that is missing or cannot be decoded.
+    """
+    images = np.empty((len(rows), 1, *preprocessor.size), dtype=np.uint8)
+    masks = []
+    for i, row in enumerate(rows):
+        images[i] = np.round(preprocessor(_grey(root / row["path"])).numpy() * 255.0).astype(np.uint8)
+        if row.get("mask"):
+            masks.append(preprocessor((_grey(root / row["mask"]) > 0).astype(np.float32)).numpy()[0] >= 0.5)
+    return images, (np.stack(masks) if masks and len(masks) == len(rows) else None)
+
+
+def _grey(path: Path) -> np.ndarray:
+    """(rows, cols) float32 in [0, 1]."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc})") from exc
+
+
+def _load_rows(root: Path, rows: list[dict[str, str]], preprocessor: Preprocessor) -> Split:
     key = hashlib.sha256(
-        (str(spec) + "".join(r["path"] + r.get("sha1", "") for r in rows)).encode()
+        (f"InputSpec(size={preprocessor.size}, aspect={preprocessor.aspect!r})"
+         + "".join(r["path"] + r.get("sha1", "") for r in rows)).encode()
     ).hexdigest()[:16]
     cache = CACHE_DIR / f"{key}.npz"
     if cache.exists():
         data = np.load(cache)
         return Split(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), [r["path"] for r in rows])
-    preprocess = Preprocessor(spec)
-    images = np.empty((len(rows), 1, *spec.size), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        with Image.open(root / row["path"]) as img:
-            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        images[i] = np.round(preprocess(display).numpy() * 255.0).astype(np.uint8)
+    images, _ = read_images(root, rows, preprocessor)
     labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     np.savez(cache, images=images, labels=labels)
     return Split(torch.from_numpy(images), torch.from_numpy(labels), [r["path"] for r in rows])
 
 
-def load_splits(root: Path, spec: InputSpec, *, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Split]:
+def load_splits(root: Path, preprocessor: Preprocessor, *, val_fraction: float = 0.1,
+                seed: int = 0) -> dict[str, Split]:
     """train / val / test. Validation is carved from train by *patient* so that no
     patient appears in both (the manifest's source_patient_token)."""
     rows = read_manifest(root)
@@ -80,7 +104,7 @@ def load_splits(root: Path, spec: InputSpec, *, val_fraction: float = 0.1, seed:
     val_rows = [r for r in train_rows if (r.get("source_patient_token") or r["path"]) in val_patients]
     fit_rows = [r for r in train_rows if (r.get("source_patient_token") or r["path"]) not in val_patients]
     return {
-        "train": _load_rows(root, fit_rows, spec),
-        "val": _load_rows(root, val_rows, spec),
-        "test": _load_rows(root, test_rows, spec),
+        "train": _load_rows(root, fit_rows, preprocessor),
+        "val": _load_rows(root, val_rows, preprocessor),
+        "test": _load_rows(root, test_rows, preprocessor),
     }

@@ -56,7 +56,7 @@ def installed(folder: Path | None = None) -> bool:
 
 def _app_config(prefix: str) -> str:
     base = prefix.rstrip("/")
-    return f"""/* Written by medxplain (pipeline/viewer.py): OHIF {OHIF_VERSION} served by Orthanc under {prefix},
+    return f"""/* Written by medxplain (pipeline/pacs/viewer.py): OHIF {OHIF_VERSION} served by Orthanc under {prefix},
    its only data source this Orthanc's DICOMweb plugin on the same origin. */
 window.config = {{
   routerBasename: '{base}',

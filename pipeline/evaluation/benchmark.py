@@ -1,6 +1,6 @@
 """`medxplain benchmark`: every explainer a bundle can run, on the same test images,
 scored with explainers.evaluation, cached per method (a finished method is never
-re-run), then written up by pipeline.benchmark_report.
+re-run), then written up by pipeline.evaluation.benchmark_report.
 
 Cases: the bundle's test split. With ground-truth masks (a lesion data set) the cases
 are the positives that carry a mask; otherwise a class-balanced seeded sample.
@@ -20,17 +20,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dicom_io.preprocess import InputSpec, Preprocessor
+from config.schema import PROJECT_ROOT
+from dicom_io.preprocess import Preprocessor
 from explainers import evaluation as ev
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.lesions import lung_fields
-from pipeline.datasets import DatasetError, read_manifest
+from pipeline.training.datasets import DatasetError, read_images, read_manifest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 BASELINES = ("gradcam", "ig", "occlusion")
 NOISE_LEVELS = (0.02, 0.05)  # model-space intensity std: mild and clearly visible noise
@@ -101,21 +100,14 @@ def default_data_dir(bundle: Bundle) -> Path:
                          f"{PROJECT_ROOT / 'data'} or {SHARED_DATA}; pass --data")
 
 
-def _read_rows(root: Path, rows: list[dict[str, str]], spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images through the bundle's Preprocessor, quantised to uint8 as at training
-    (pipeline.datasets), and masks resampled the same way (kept where >= 0.5)."""
-    preprocess = Preprocessor(spec)
-    images, masks = [], []
-    for row in rows:
-        with Image.open(root / row["path"]) as img:
-            display = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        images.append(torch.round(preprocess(display).as_tensor() * 255.0) / 255.0)
-        if row.get("mask"):
-            with Image.open(root / row["mask"]) as img:
-                mask = (np.asarray(img.convert("L")) > 0).astype(np.float32)
-            masks.append(preprocess(mask).as_tensor()[0] >= 0.5)
-    stacked_masks = torch.stack(masks) if masks and len(masks) == len(rows) else None
-    return torch.stack(images).float(), stacked_masks
+def _read_rows(root: Path, rows: list[dict[str, str]], preprocessor: Preprocessor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float images (N, 1, H, W) in [0, 1] as at training, and masks (N, H, W) or None."""
+    try:
+        images, masks = read_images(root, rows, preprocessor)
+    except DatasetError as exc:
+        raise BenchmarkError(str(exc)) from exc
+    return torch.from_numpy(images).float() / 255.0, (torch.from_numpy(masks) if masks is not None else None)
 
 
 def select_cases(data: Path, bundle: Bundle, *, n: int, seed: int, reference_n: int = 100) -> Cases:
@@ -136,8 +128,8 @@ def select_cases(data: Path, bundle: Bundle, *, n: int, seed: int, reference_n: 
         for label, count in (("1", (n + 1) // 2), ("0", n // 2)):
             pool = [r for r in rows if r["label"] == label]
             picked += [pool[i] for i in sorted(rng.permutation(len(pool))[:count].tolist())]
-    spec = InputSpec(tuple(bundle.spec.input.size), bundle.spec.input.aspect)
-    images, masks = _read_rows(data, picked, spec)
+    preprocessor = Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect)
+    images, masks = _read_rows(data, picked, preprocessor)
     chosen = {r["path"] for r in picked}
     reference = {}
     for label in (0, 1):
@@ -146,7 +138,7 @@ def select_cases(data: Path, bundle: Bundle, *, n: int, seed: int, reference_n: 
             pool = [r for r in rows if r["label"] == str(label)]
         if len(pool) >= 2:
             pool = [pool[i] for i in sorted(rng.permutation(len(pool))[:reference_n].tolist())]
-            reference[label] = _read_rows(data, [{"path": r["path"]} for r in pool], spec)[0]
+            reference[label] = _read_rows(data, [{"path": r["path"]} for r in pool], preprocessor)[0]
     labels = torch.tensor([int(r["label"]) for r in picked])
     return Cases(images=images, labels=labels, paths=[r["path"] for r in picked], masks=masks,
                  reference=reference, figure=_figure_cases(picked, labels))

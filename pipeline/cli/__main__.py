@@ -1,0 +1,4 @@
+"""`python -m pipeline.cli` is the `medxplain` command."""
+from pipeline.cli import app
+
+app()
