@@ -12,9 +12,10 @@ burned-in text strip or a side marker is added to untouched test images.
 For each bundle (same images, same overlays, one run): the test AUROC on clean
 images, then per overlay the median and 90th percentile of |P(overlaid) - P(clean)|,
 the share of decisions (at the bundle's threshold) that change, and the AUROC on
-overlaid images, and the median |dP| over the images whose clean P lies in [0.05, 0.95]
-(where a saturated classifier can still move; n in brackets). Overlays are drawn at the classifier's input size by the functions
-``explainers.shortcuts`` also uses for training, with fixed, per-image seeded text:
+overlaid images, and the median |dP| over the images whose clean P lies in
+[0.05, 0.95] (where a saturated classifier can still move; n in brackets). Overlays are
+drawn at the classifier's input size by the functions ``explainers.shortcuts`` also
+uses for training, with fixed, per-image seeded text:
 
 - ``text_bottom_3pct``: bright text strip in the bottom 3 % of the image (the kind the
   ``shortcut_robust`` augmentation draws);
@@ -42,8 +43,8 @@ from explainers.bundle import Bundle  # noqa: E402
 from explainers.metrics import classification_metrics  # noqa: E402
 from explainers.shortcuts import TEXT_CHARACTERS, burn_in_text, side_marker  # noqa: E402
 from explainers.train_classifier import predict_probabilities  # noqa: E402
-from pipeline.training.datasets import load_splits  # noqa: E402
 from pipeline.training.classifier import write_model_card  # noqa: E402
+from pipeline.training.datasets import load_splits  # noqa: E402
 
 
 def _text(seed: int, index: int, length: int = 14) -> str:

@@ -133,9 +133,9 @@ def collimate(image: torch.Tensor, margins: tuple[float, float, float, float], v
     _, height, width = out.shape
     y = torch.arange(height, dtype=out.dtype)[:, None]
     x = torch.arange(width, dtype=out.dtype)[None, :]
-    t, b, l, r = (margins[0] * height, height - 1 - margins[1] * height, margins[2] * width,
-                  width - 1 - margins[3] * width)
-    distance = torch.minimum(torch.minimum(y - t, b - y), torch.minimum(x - l, r - x))  # > 0 inside
+    top, bottom = margins[0] * height, height - 1 - margins[1] * height
+    left, right = margins[2] * width, width - 1 - margins[3] * width
+    distance = torch.minimum(torch.minimum(y - top, bottom - y), torch.minimum(x - left, right - x))  # > 0 inside
     inside = (distance / softness + 0.5).clamp(0, 1) if softness > 0 else (distance >= 0).to(out.dtype)
     return out * inside + value * (1 - inside)
 

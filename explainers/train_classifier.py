@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from monai.transforms import (Compose, RandAdjustContrast, RandAffine, RandGaussianNoise, RandScaleIntensity,
-                              RandShiftIntensity)
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandAffine,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
 from torch import nn
 
 from explainers._helpers import as_float, plain_tensor
@@ -57,7 +63,8 @@ def augmentation(settings: ClassifierTrainingConfig) -> Compose:
     geometry = RandAffine(prob=0.8, rotate_range=settings.rotate, scale_range=settings.scale,
                           translate_range=(settings.translate, settings.translate), padding_mode="border")
     if settings.augmentation == "basic":
-        return Compose([geometry, RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)), RandGaussianNoise(prob=0.3, std=0.02)])
+        return Compose([geometry, RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
+                        RandGaussianNoise(prob=0.3, std=0.02)])
     return Compose([
         geometry,
         RandCollimation(prob=0.3),

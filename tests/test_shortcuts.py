@@ -4,8 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainers.shortcuts import (CORNERS, RandBorderBands, RandBurnedInText, RandCollimation, RandSideMarker,
-                                  border_band, burn_in_text, collimate, side_marker)
+from explainers.shortcuts import (
+    CORNERS,
+    RandBorderBands,
+    RandBurnedInText,
+    RandCollimation,
+    RandSideMarker,
+    border_band,
+    burn_in_text,
+    collimate,
+    side_marker,
+)
 from explainers.train_classifier import ClassifierTrainingConfig, augmentation
 
 

@@ -128,9 +128,10 @@ def tables(result: BenchmarkResult) -> list[Table]:
                 rows.append([r.name, _nan_mean_ci(r.arrays["lung_share"]), _nan_mean_ci(to_negative),
                              _fmt(float(r.arrays["lung_area"].mean()), 3), _nan_mean_ci(r.arrays["border_share"]),
                              _fmt(float(r.arrays["border_area"].mean()), 3)])
+            task = result.bundle.spec.task
             out.append(Table(
                 "Counterfactuals: where the change lies",
-                ["method", "share of change in the lungs", f"… {result.bundle.spec.task.positive_label}→{result.bundle.spec.task.negative_label} only",
+                ["method", "share of change in the lungs", f"… {task.positive_label}→{task.negative_label} only",
                  "lung area share", "share of change in the outer 10 % band", "band area share"], rows,
                 "Share of the summed |counterfactual − input| inside each input's lung fields "
                 "(explainers.lesions.lung_fields: an approximation) and inside the outer 10 % border band, next "

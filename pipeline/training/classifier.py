@@ -145,8 +145,8 @@ def _figure(value: float | None) -> str:
 
 
 def _shortcut_table(figures: dict[str, Any]) -> list[str]:
-    rows = ["| overlay | median abs dP | p90 abs dP | median abs dP, 0.05<P<0.95 (n) | decisions changed | AUROC overlaid |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| overlay | median abs dP | p90 abs dP | median abs dP, 0.05<P<0.95 (n) | decisions changed | "
+            "AUROC overlaid |", "|---|---|---|---|---|---|"]
     for name, f in figures.get("overlays", {}).items():
         rows.append(f"| {name}{' (held out)' if f.get('held_out') else ''} | {f['median']:.4f} | {f['p90']:.4f} | "
                     f"{_figure(f['median_uncertain'])} ({f['n_uncertain']}) | {f['decisions_changed']:.3f} | "
