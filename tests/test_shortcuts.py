@@ -74,3 +74,26 @@ def test_shortcut_robust_is_the_default_and_an_unknown_augmentation_is_refused()
                                                              "RandBorderBands", "RandCollimation"}
     with pytest.raises(ValueError, match="augmentation"):
         augmentation(ClassifierTrainingConfig(augmentation="heavy"))
+
+
+def test_model_card_shows_shortcut_figures_and_the_earlier_versions(tmp_path):
+    from pathlib import Path
+
+    from explainers.bundle import Bundle
+    from pipeline.training.classifier import write_model_card
+
+    demo = Bundle.load(Path(__file__).resolve().parents[1] / "bundles" / "demo-pneumonia")
+    figures = {"n": 624, "command": "python benchmarks/bench_shortcut.py --record", "overlays": {
+        "text_bottom_3pct": {"median": 0.001, "p90": 0.05, "median_uncertain": 0.02, "n_uncertain": 40,
+                             "decisions_changed": 0.01, "auroc": 0.97, "held_out": False},
+        "marker_AP_large_grey": {"median": 0.0, "p90": 0.01, "median_uncertain": None, "n_uncertain": 0,
+                                 "decisions_changed": 0.0, "auroc": 0.97, "held_out": True}}}
+    spec = demo.spec.model_copy(deep=True)
+    spec.metrics["shortcut_sensitivity"] = figures
+    spec.metrics["history"] = [{"name": "demo-pneumonia", "version": "1.0.0", "classifier_sha256": "ab" * 32,
+                                "test_auroc": 0.9704, "note": "basic augmentation", "shortcut_sensitivity": figures}]
+    write_model_card(Bundle(tmp_path, spec, ""))
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "## Shortcut sensitivity" in card and "| text_bottom_3pct | 0.0010 | 0.0500 | 0.0200 (40) |" in card
+    assert "marker_AP_large_grey (held out) | 0.0000 | 0.0100 | — (0)" in card
+    assert "## History" in card and "Test AUROC 0.9704" in card
