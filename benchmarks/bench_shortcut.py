@@ -38,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dicom_io.preprocess import InputSpec  # noqa: E402
+from dicom_io.preprocess import Preprocessor  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
 from explainers.metrics import classification_metrics  # noqa: E402
 from explainers.shortcuts import TEXT_CHARACTERS, burn_in_text, side_marker  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> int:
         print("the bundles must share the input size and aspect", file=sys.stderr)
         return 2
     first = bundles[0].spec.input
-    test = load_splits(args.data, InputSpec(tuple(first.size), first.aspect), seed=args.seed)["test"]
+    test = load_splits(args.data, Preprocessor(tuple(first.size), first.aspect), seed=args.seed)["test"]
     images, labels = test.float_images(), test.labels
     if args.n:
         images, labels = images[:args.n], labels[:args.n]

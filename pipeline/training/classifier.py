@@ -4,7 +4,6 @@ from __future__ import annotations
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,6 @@ def train_classifier_bundle(
 ) -> Bundle:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(data, Preprocessor((size, size), "squash"), seed=seed)
     torch.manual_seed(seed)
@@ -112,7 +110,8 @@ def train_classifier_bundle(
             "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": result.best_epoch,
             "augmentation": augmentation, "settings": config.as_dict(),
-            "wall_time_s": round(time.perf_counter() - started, 1), "device": device,
+            # fit's training time over all runs: a resumed run's own time would leave out the earlier epochs
+            "wall_time_s": round(result.wall_time_s, 1), "device": device,
             "torch": torch.__version__, "python": platform.python_version(), "log": "classifier_training_log.csv",
         },
         metrics={"validation": _rounded(validation), "test": _rounded(test)},
@@ -209,7 +208,8 @@ def write_model_card(bundle: Bundle) -> None:
         "",
         "## Training",
         f"- Command: `{s.training.get('command')}`",
-        f"- Wall time: {s.training.get('wall_time_s')} s on {s.training.get('device')} "
+        f"- Training time: {s.training.get('wall_time_s')} s over all runs (resumed ones included) on "
+        f"{s.training.get('device')} "
         f"(torch {s.training.get('torch')}), seed {s.training.get('seed')}, best epoch {s.training.get('best_epoch')}",
         f"- Augmentation: `{s.training.get('augmentation', 'basic')}` (explainers/train_classifier.py `augmentation`)",
         f"- Per-epoch log: `{s.training.get('log')}`",
