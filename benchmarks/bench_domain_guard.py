@@ -15,7 +15,6 @@ offline here. Prints one row per image kind: caught / total, and the score range
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from dicom_io.preprocess import Preprocessor  # noqa: E402
 from dicom_io.reader import read_radiograph  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
 from explainers.domain import DomainGuard  # noqa: E402
+from pipeline.training.datasets import read_images, read_manifest  # noqa: E402
 
 
 def main() -> int:
@@ -61,8 +61,8 @@ def main() -> int:
         return pre(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0).as_tensor()[None]
 
     kermany = args.shared / "kermany-cxr224"
-    rows = [r for r in csv.DictReader(open(kermany / "manifest.csv")) if r["split"] == "test"]
-    test = torch.cat([picture(kermany / r["path"]) for r in rows])
+    rows = [r for r in read_manifest(kermany) if r["split"] == "test"]
+    test = torch.from_numpy(read_images(kermany, rows, pre)[0]).float() / 255.0
     cases = args.shared / "dicom-cases"
     kinds: dict[str, list[torch.Tensor]] = {
         "adult chest CR (shared dicom/)": [dicom(p) for p in sorted((args.shared / "dicom").glob("*.dcm"))],

@@ -11,35 +11,30 @@ peak memory and images per second.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dicom_io.preprocess import Preprocessor  # noqa: E402
 from explainers.base import explainer_class  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
+from pipeline.training.datasets import read_images, read_manifest  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def load_images(bundle: Bundle, n: int) -> torch.Tensor:
+    """Every 7th test image (n at most) as the classifier sees it at training."""
     kermany = SHARED / "kermany-cxr224"
-    rows = [r for r in csv.DictReader(open(kermany / "manifest.csv")) if r["split"] == "test"][::7][:n]
-    preprocess = Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect)
-    out = []
-    for r in rows:
-        with Image.open(kermany / r["path"]) as img:
-            out.append(preprocess(np.asarray(img.convert("L"), dtype=np.float32) / 255.0).as_tensor())
-    return torch.stack(out)
+    rows = [r for r in read_manifest(kermany) if r["split"] == "test"][::7][:n]
+    images, _ = read_images(kermany, rows, Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect))
+    return torch.from_numpy(images).float() / 255.0
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:

@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_explainers import SHARED, load_images  # noqa: E402
-from explainers.bundle import Bundle  # noqa: E402
 from explainers._helpers import frozen  # noqa: E402
+from explainers.bundle import Bundle  # noqa: E402
 from explainers.medxgan import MedxganExplainer, invert, to_working  # noqa: E402
 from explainers.optimise import SearchBudget  # noqa: E402
 

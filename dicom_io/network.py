@@ -22,23 +22,23 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
-from pynetdicom.status import STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, Status, code_to_category
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom.status import STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, Status, code_to_category
 
 __all__ = [
     "COMMON_TRANSFER_SYNTAXES",

@@ -37,8 +37,8 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 

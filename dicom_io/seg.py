@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

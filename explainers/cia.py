@@ -60,8 +60,8 @@ from torch import nn
 
 from explainers._helpers import frozen
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
-from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
+from explainers.validity import counterfactual_checks
 
 # Default widths: (level 0..4, decoder output). 1.8 M parameters per inpainter.
 DEFAULT_FEATURES = (16, 32, 64, 128, 256, 16)

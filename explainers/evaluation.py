@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.functional.regression import spearman_corrcoef
 from torchmetrics.functional.classification import binary_average_precision
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.regression import spearman_corrcoef
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from explainers.validity import flipped, probability_change
 from explainers.validity import proximity_l1 as _proximity_l1

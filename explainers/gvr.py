@@ -45,8 +45,8 @@ from torch import nn
 
 from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
-from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
+from explainers.validity import counterfactual_checks
 
 # Encoder widths per level (each halves the side) and latent channels: at 64 px an
 # 8 x 8 x 16 latent (1,024 numbers for 4,096 pixels).

@@ -41,8 +41,8 @@ from torch import nn
 
 from explainers._helpers import frozen, smooth_maps, to_working
 from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register
-from explainers.validity import counterfactual_checks
 from explainers.optimise import SearchBudget, per_image_adam
+from explainers.validity import counterfactual_checks
 
 DEFAULT_WIDTHS = (128, 64, 32, 16)  # channels at 4, 8, 16, 32 px; the last layer makes the 64 px image
 ANATOMY_DIM, PATHOLOGY_DIM = 64, 16

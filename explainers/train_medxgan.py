@@ -38,8 +38,7 @@ from torch import nn
 
 from explainers._helpers import to_working
 from explainers.base import threshold_logit
-from explainers.medxgan import ANATOMY_DIM, PATHOLOGY_DIM, MedxganEncoder, MedxganExplainer, MedxganGenerator, \
-    to_input
+from explainers.medxgan import ANATOMY_DIM, PATHOLOGY_DIM, MedxganEncoder, MedxganExplainer, MedxganGenerator, to_input
 from explainers.networks import PatchCritic
 from explainers.training import AdversarialTrainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
 from explainers.validity import evaluate_explainer

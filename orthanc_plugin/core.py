@@ -18,8 +18,8 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
-import re
 import os
+import re
 import signal
 import sqlite3
 import subprocess

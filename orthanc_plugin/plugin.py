@@ -350,8 +350,15 @@ def _setup():
         if root not in sys.path:
             sys.path.insert(0, root)
         from dicom_io.output import is_medxplain_output  # noqa: F811 (stdlib-only at import)
-        from orthanc_plugin.core import (StudyMarks, Timings, WorkerSupervisor, basic_auth_user, jobs_answer,
-                                         orthanc_study_id, worker_may)
+        from orthanc_plugin.core import (
+            StudyMarks,
+            Timings,
+            WorkerSupervisor,
+            basic_auth_user,
+            jobs_answer,
+            orthanc_study_id,
+            worker_may,
+        )
         from pipeline.pacs.jobqueue import JobQueue
 
         TIMES = Timings()

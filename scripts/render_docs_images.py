@@ -21,9 +21,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
+from dicom_io.convert import cr_from_pixels  # noqa: E402
 from explainers.base import explainer_class  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
-from dicom_io.convert import cr_from_pixels  # noqa: E402
 from pipeline.engine import Engine  # noqa: E402
 from pipeline.runner import explain_paths  # noqa: E402
 

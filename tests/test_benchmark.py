@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from explainers.bundle import Bundle
+from pipeline.cli import app
 from pipeline.evaluation import benchmark
 from pipeline.evaluation.benchmark import BenchmarkError, runnable_methods, select_cases
-from pipeline.cli import app
 from tests.conftest import PROJECT_ROOT, kermany_subset
 
 DEMO = PROJECT_ROOT / "bundles" / "demo-pneumonia"

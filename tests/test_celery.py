@@ -278,8 +278,8 @@ def test_queue_backend_is_validated():
 
 
 def test_outcome_records_what_the_worker_decided():
-    from pipeline.pacs.jobqueue import Job
     from pipeline.pacs.celery_queue import Outcome
+    from pipeline.pacs.jobqueue import Job
 
     job = Job(id="j", key="orthanc:s", payload={}, state="leased", attempts=5, max_attempts=5, not_before=0,
               lease_owner=None, lease_expires=None, last_error=None, result=None, created=0, updated=0)

@@ -24,7 +24,15 @@ from explainers.training import fit
 from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
-    BOX, DEMO_BUNDLE, SIZE, TINY, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images,
+    BOX,
+    DEMO_BUNDLE,
+    SIZE,
+    TINY,
+    BoxClassifier,
+    box_images,
+    bundle_copy,
+    real_images,
+    sampled_test_images,
     small_data,
 )
 

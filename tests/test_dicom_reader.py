@@ -17,8 +17,6 @@ import numpy as np
 import pydicom
 import pydicom.uid as uids
 import pytest
-from pydicom.pixels import pixel_array
-
 from derived_dicom import (  # noqa: F401  (derived is a fixture)
     CR8_CENTER,
     CR8_SHIFT,
@@ -40,6 +38,8 @@ from derived_dicom import (  # noqa: F401  (derived is a fixture)
     voi_lut_8bit_table,
     voi_lut_table,
 )
+from pydicom.pixels import pixel_array
+
 from dicom_io.errors import (
     BadDimensionsError,
     ColourImageError,

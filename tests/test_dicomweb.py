@@ -15,8 +15,8 @@ import pytest
 
 from config import load_config
 from pipeline.pacs import orthanc_launcher as launcher
-from pipeline.pacs.jobqueue import JobQueue
 from pipeline.pacs.dicomweb import DicomwebConfigError, DicomwebServer, DicomwebUnavailable
+from pipeline.pacs.jobqueue import JobQueue
 from pipeline.pacs.worker import Worker
 from tests.orthanc_server import TEST_BUNDLE, OrthancServer, require_orthanc
 from tests.test_orthanc import cr_study, kermany_test, require_bundle, to_bytes  # noqa: F401 (fixtures)

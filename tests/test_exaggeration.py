@@ -29,7 +29,13 @@ from explainers.training import fit
 from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
-    DEMO_BUNDLE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
+    DEMO_BUNDLE,
+    BoxClassifier,
+    box_images,
+    bundle_copy,
+    real_images,
+    sampled_test_images,
+    small_data,
 )
 
 TINY = (8, 16, 32)

@@ -25,7 +25,14 @@ from explainers.training import fit
 from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
-    BOX, DEMO_BUNDLE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
+    BOX,
+    DEMO_BUNDLE,
+    BoxClassifier,
+    box_images,
+    bundle_copy,
+    real_images,
+    sampled_test_images,
+    small_data,
 )
 
 TINY_WIDTHS = (8, 16, 16)

@@ -31,8 +31,8 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.uid import ImplicitVRLittleEndian
 
 from tests.conftest import CR_16BIT, CR_JPEG

@@ -9,10 +9,10 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from dicom_io.preprocess import Preprocessor
 from explainers.lesions import KINDS, LesionError, LesionSpec, insert_lesion, lung_field_mask, random_lesion
 from pipeline.cli import app
 from pipeline.training.datasets import load_splits
-from dicom_io.preprocess import Preprocessor
 from tests.conftest import kermany_subset
 
 

@@ -33,7 +33,15 @@ from explainers.train_medxgan import MedxganTrainer, MedxganTrainingConfig
 from explainers.training import fit
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
-    BOX, DEMO_BUNDLE, SIZE, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images, small_data,
+    BOX,
+    DEMO_BUNDLE,
+    SIZE,
+    BoxClassifier,
+    box_images,
+    bundle_copy,
+    real_images,
+    sampled_test_images,
+    small_data,
 )
 
 TINY = (16, 8)  # generator widths for tests: 8 px start at 32 px

@@ -23,7 +23,13 @@ from explainers.training import fit
 from explainers.validity import evaluate_explainer
 from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import (
-    DEMO_BUNDLE, TINY, BoxClassifier, box_images, bundle_copy, real_images, sampled_test_images,
+    DEMO_BUNDLE,
+    TINY,
+    BoxClassifier,
+    box_images,
+    bundle_copy,
+    real_images,
+    sampled_test_images,
     small_data,
 )
 

@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-
 from orthanc_server import OrthancServer
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +61,9 @@ def explained(tmp_path_factory, shared_dicom_files):
     """The engine's objects for every shared DICOM file it explains (one image per batch,
     so that one rejected case cannot take others with it)."""
     _requirements()
-    from config import load_config
     from conftest import SHARED_DATA
+
+    from config import load_config
     from pipeline.engine import Engine
     from pipeline.runner import explain_paths
 

@@ -27,9 +27,9 @@ import yaml
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, generate_uid
 
 from config.schema import MedxplainConfig
+from dicom_io.uids import hash_text
 from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
 from explainers.networks import build_network
-from dicom_io.uids import hash_text
 from pipeline.pacs.audit import AuditLog, Redactor, ScrubUIDsFilter
 from pipeline.pacs.jobqueue import JobQueue
 from pipeline.pacs.orthanc_client import OrthancClient, OrthancConfigError, OrthancRequestError, OrthancUnavailable

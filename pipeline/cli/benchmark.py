@@ -23,8 +23,8 @@ def make_lesions_command(
 ) -> None:
     """Insert synthetic lesions of known mask into real NORMAL radiographs."""
     from explainers.lesions import LesionError
-    from pipeline.training.datasets import DatasetError
     from pipeline.evaluation.lesion_data import count_normal, make_lesion_dataset
+    from pipeline.training.datasets import DatasetError
 
     try:
         total = count_normal(data)

@@ -63,9 +63,9 @@ def orthanc_command(
         dicom_port=dicom_port or launcher.DEFAULT_DICOM_PORT, aet=aet, stable_age=stable_age,
         start_worker=not no_worker, allowed_aets=tuple(allow_aet or launcher.DEFAULT_ALLOWED_AETS),
         base_config=config, worker_overrides=overrides, viewer=viewer)
-    from config import ConfigError
-
     import time
+
+    from config import ConfigError
 
     started_at = time.time()
     try:

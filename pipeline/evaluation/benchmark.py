@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config.schema import PROJECT_ROOT
-
 from dicom_io.preprocess import Preprocessor
 from explainers import evaluation as ev
 from explainers.base import available, explainer_class

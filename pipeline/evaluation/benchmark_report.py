@@ -16,8 +16,14 @@ import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from pipeline.evaluation.benchmark import (  # noqa: E402
-    CLASSIFIER_INDEPENDENT, CLASSIFIER_PARTLY, NOISE_LEVELS, SANITY_STAGES, BenchmarkResult, MethodRun,
-    depends_on_classifier)
+    CLASSIFIER_INDEPENDENT,
+    CLASSIFIER_PARTLY,
+    NOISE_LEVELS,
+    SANITY_STAGES,
+    BenchmarkResult,
+    MethodRun,
+    depends_on_classifier,
+)
 
 FIGURE_DPI = 72
 PATH_STEPS_SHOWN = 3

@@ -12,10 +12,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from dicom_io.preprocess import Preprocessor
 from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
+from explainers.metrics import classification_metrics
 from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
 from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig, predict_probabilities
 from explainers.training import fit
-from explainers.metrics import classification_metrics
 from pipeline.training.datasets import load_splits
 
 KERMANY_ATTRIBUTION = (
