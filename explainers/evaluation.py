@@ -163,6 +163,41 @@ def proximity_l1(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.T
     return _proximity_l1(images, counterfactuals)
 
 
+def border_band_mask(shape: tuple[int, int], fraction: float = 0.1) -> torch.Tensor:
+    """(H, W) bool: the outer band of an image, ``fraction`` of H at top and bottom and of
+    W at left and right (0.1: the outer 10 %, 36 % of the area)."""
+    if not 0 < fraction < 0.5:
+        raise EvaluationError(f"border fraction must be in (0, 0.5), got {fraction}")
+    rows, cols = shape
+    r, c = max(1, round(fraction * rows)), max(1, round(fraction * cols))
+    inner = torch.zeros(shape, dtype=torch.bool)
+    inner[r:rows - r, c:cols - c] = True
+    return ~inner
+
+
+def change_location(images: torch.Tensor, counterfactuals: torch.Tensor, regions: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """Where a counterfactual's change lies: for each named region mask, per image,
+    ``<name>_share`` = sum of |counterfactual - input| inside the region / sum over the
+    image, and ``<name>_area`` = the region's share of the image's pixels (a uniform
+    change scores its area). Images (B, C, H, W) in [0, 1]; regions (B, H, W) or (H, W)
+    bool. Shares are (B,) in [0, 1], NaN for an image its counterfactual leaves unchanged.
+    Raises ``EvaluationError`` on mismatched shapes."""
+    _check_images(images, counterfactuals)
+    change = (counterfactuals.float() - images.float()).abs().sum(dim=1)  # (B, H, W)
+    total = change.flatten(1).sum(1)
+    out: dict[str, torch.Tensor] = {}
+    for name, region in regions.items():
+        if region.shape not in (change.shape, change.shape[1:]):
+            raise EvaluationError(f"region {name!r} must be (H, W) or (B, H, W) of the images, got "
+                                  f"{tuple(region.shape)} for images {tuple(images.shape)}")
+        region = region.to(change.device).bool().expand_as(change)
+        inside = (change * region).flatten(1).sum(1)
+        out[f"{name}_share"] = torch.where(total > 0, inside / total.clamp_min(1e-12), torch.nan)
+        out[f"{name}_area"] = region.flatten(1).float().mean(1)
+    return out
+
+
 def proximity_ssim(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Tensor:
     """SSIM (torchmetrics, Gaussian 11 px window, data range 1)."""
     _check_images(images, counterfactuals)

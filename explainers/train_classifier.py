@@ -3,7 +3,10 @@
 
 Class-balanced BCE on the one positive logit (positives weighted n_neg / n_pos, so the
 decision threshold lands near 0.5 despite the 74% pneumonia prevalence in Kermany's
-train split), AdamW with a one-cycle schedule, geometric and intensity jitter. The
+train split), AdamW with a one-cycle schedule, geometric and intensity jitter and, with
+``augmentation: shortcut_robust`` (the default), synthetic shortcut cues on both classes
+alike (``explainers.shortcuts``: burned-in text, L/R markers, border bands, collimation
+edges) plus brightness, contrast and gamma jitter, so that none of them tells the label. The
 epoch with the highest validation AUROC is kept; the decision threshold is then
 Youden's J on the validation split (``decision_threshold``).
 """
@@ -13,12 +16,20 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandAffine,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
 from torch import nn
 
 from explainers._helpers import as_float, plain_tensor
 from explainers.metrics import classification_metrics, youden_threshold
 from explainers.networks import BinaryClassifier
+from explainers.shortcuts import RandBorderBands, RandBurnedInText, RandCollimation, RandSideMarker
 from explainers.training import Trainer, TrainingSettings, option
 
 
@@ -34,14 +45,35 @@ class ClassifierTrainingConfig(TrainingSettings):
     translate: float = 8.0
     # Class balance: positives are weighted n_neg/n_pos.
     balance_classes: bool = True
+    augmentation: str = option("shortcut_robust", "shortcut_robust: also synthetic text, L/R markers, border "
+                               "bands, collimation and brightness jitter | basic: geometric, gamma and noise only")
+
+
+AUGMENTATIONS = ("shortcut_robust", "basic")
 
 
 def augmentation(settings: ClassifierTrainingConfig) -> Compose:
-    """Small geometric and intensity jitter (what a different detector/positioning gives)."""
+    """``basic``: small geometric and intensity jitter (what a different detector or
+    positioning gives). ``shortcut_robust``: the same geometry, then the synthetic cues
+    of ``explainers.shortcuts`` (text p=0.5, marker p=0.5, border bands p=0.3,
+    collimation p=0.3) and brightness (scale +-20 %, shift +-0.08), gamma 0.6-1.6 and
+    noise jitter, each drawn from the transform's own seeded state."""
+    if settings.augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, not {settings.augmentation!r}")
+    geometry = RandAffine(prob=0.8, rotate_range=settings.rotate, scale_range=settings.scale,
+                          translate_range=(settings.translate, settings.translate), padding_mode="border")
+    if settings.augmentation == "basic":
+        return Compose([geometry, RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
+                        RandGaussianNoise(prob=0.3, std=0.02)])
     return Compose([
-        RandAffine(prob=0.8, rotate_range=settings.rotate, scale_range=settings.scale,
-                   translate_range=(settings.translate, settings.translate), padding_mode="border"),
-        RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
+        geometry,
+        RandCollimation(prob=0.3),
+        RandBorderBands(prob=0.3),
+        RandBurnedInText(prob=0.5),
+        RandSideMarker(prob=0.5),
+        RandScaleIntensity(factors=0.2, prob=0.5),
+        RandShiftIntensity(offsets=0.08, prob=0.5),
+        RandAdjustContrast(prob=0.5, gamma=(0.6, 1.6)),
         RandGaussianNoise(prob=0.3, std=0.02),
     ])
 

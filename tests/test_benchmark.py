@@ -153,8 +153,10 @@ def test_counterfactual_method_gets_validity_proximity_realism_and_figure_column
     result = benchmark.run_benchmark(bundle_path=DEMO, out=tmp_path, data=lesion_data, n=4, device="cpu",
                                      batch_size=2, robustness_n=2, steps=4)
     run = result.runs[0]
-    for key in ("flip_rate", "probability_change", "l1", "ssim", "fid"):
+    for key in ("flip_rate", "probability_change", "l1", "ssim", "fid", "lung_share", "lung_area", "border_share",
+                "border_area", "lung_share_to_negative"):
         assert key in run.summary, key
+    assert 0 < run.summary["lung_area"] < 1 and 0 <= run.summary["border_share"] <= 1
     assert run.summary["l1"] > 0 and run.summary["ssim"] < 1
     assert result.inputs_fid is not None and result.inputs_fid >= 0
     assert {f"figure_path_{i}" for i in result.cases.figure} <= set(run.arrays)
@@ -163,3 +165,4 @@ def test_counterfactual_method_gets_validity_proximity_realism_and_figure_column
     assert "## Counterfactuals: validity, proximity, realism" in text
     assert "| fade |" in text and "inputs themselves (no change)" in text
     assert "Not comparable with published FIDs" in text
+    assert "## Counterfactuals: where the change lies" in text

@@ -28,12 +28,15 @@ def train_classifier_command(
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    augmentation: str = typer.Option("shortcut_robust", help="shortcut_robust (synthetic text, L/R markers, border "
+                                     "bands, collimation, brightness jitter) | basic (geometry, gamma, noise)"),
 ) -> None:
     """Train a binary classifier and write a bundle with a model card."""
     from pipeline.training.classifier import train_classifier_bundle
 
     bundle = train_classifier_bundle(data=data, out=out, name=name or out.name, task=task, size=size,
-                                     epochs=epochs, batch_size=batch_size, seed=seed, device=device)
+                                     epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                                     augmentation=augmentation)
     test = bundle.spec.metrics["test"]
     console.print(f"[green]wrote[/] {bundle.root} — test AUROC {test['auroc']:.4f}, accuracy {test['accuracy']:.4f}, "
                   f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")

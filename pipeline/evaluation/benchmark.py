@@ -27,6 +27,7 @@ from dicom_io.preprocess import Preprocessor
 from explainers import evaluation as ev
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
+from explainers.lesions import lung_fields
 from pipeline.training.datasets import DatasetError, read_images, read_manifest
 
 SHARED_DATA = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -358,9 +359,26 @@ def score_counterfactuals(classifier, cases: Cases, probability: torch.Tensor, c
     out = {"flip_rate": _mean(valid["flipped"]), "probability_change": _mean(valid["change"]),
            "l1": _mean(arrays["l1"]), "ssim": _mean(arrays["ssim"])}
     target = (probability < threshold).long()  # the class each counterfactual aims at
+    out.update(score_change_location(cases.images, cf, target, arrays))
     fid = realism_fid(classifier, cf, target, cases.reference, device)
     if fid is not None:
         out["fid"] = fid
+    return out
+
+
+def score_change_location(images: torch.Tensor, cf: torch.Tensor, target: torch.Tensor,
+                          arrays: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Share of |counterfactual - input| inside the lung fields (``explainers.lesions.lung_fields``
+    of each input) and inside the outer 10 % border band, next to their area shares; the
+    lung share also for the counterfactuals towards the negative class (target 0) alone."""
+    lungs = torch.from_numpy(np.stack([lung_fields(image) for image in
+                                       (images[:, 0].float() * 255).round().clamp(0, 255).byte().numpy()]))
+    border = ev.border_band_mask(tuple(images.shape[-2:]), 0.1)
+    where = ev.change_location(images, cf, {"lung": lungs, "border": border})
+    arrays.update(where)
+    out = {key: float(torch.nanmean(values)) for key, values in where.items()}
+    to_negative = where["lung_share"][target == 0]
+    out["lung_share_to_negative"] = float(torch.nanmean(to_negative)) if len(to_negative) else float("nan")
     return out
 
 

@@ -54,6 +54,12 @@ def _mean_ci(values: torch.Tensor, digits: int = 3) -> str:
     return f"{float(values.mean()):.{digits}f} ± {half:.{digits}f}"
 
 
+def _nan_mean_ci(values: torch.Tensor, digits: int = 3) -> str:
+    """``_mean_ci`` over the finite values (a share is NaN where nothing changed)."""
+    values = values.float()
+    return _mean_ci(values[torch.isfinite(values)], digits) if torch.isfinite(values).any() else "—"
+
+
 def tables(result: BenchmarkResult) -> list[Table]:
     runs, ref = result.runs, result.reference
     out: list[Table] = []
@@ -114,6 +120,23 @@ def tables(result: BenchmarkResult) -> list[Table]:
                          "class, on the penultimate features of the bundle's own classifier (no Inception network: "
                          "nothing is downloaded). **Not comparable with published FIDs**; compare with the inputs' "
                          "own distance to the target class in the last row."))
+        located = [r for r in cf_runs if "lung_share" in r.arrays]
+        if located:
+            rows = []
+            for r in located:
+                to_negative = r.arrays["lung_share"][r.arrays["probability"] >= result.bundle.spec.task.threshold]
+                rows.append([r.name, _nan_mean_ci(r.arrays["lung_share"]), _nan_mean_ci(to_negative),
+                             _fmt(float(r.arrays["lung_area"].mean()), 3), _nan_mean_ci(r.arrays["border_share"]),
+                             _fmt(float(r.arrays["border_area"].mean()), 3)])
+            task = result.bundle.spec.task
+            out.append(Table(
+                "Counterfactuals: where the change lies",
+                ["method", "share of change in the lungs", f"… {task.positive_label}→{task.negative_label} only",
+                 "lung area share", "share of change in the outer 10 % band", "band area share"], rows,
+                "Share of the summed |counterfactual − input| inside each input's lung fields "
+                "(explainers.lesions.lung_fields: an approximation) and inside the outer 10 % border band, next "
+                "to the region's share of the image: a change spread uniformly scores its area. A method that "
+                "changes the lungs scores well above the lung area and below the band area."))
     rows = [[r.name, _fmt(r.summary["ms_per_image"], 1), _fmt(r.summary["forward_ms_per_image"], 2),
              _fmt(r.summary["ratio_to_forward"], 1), _fmt(r.summary["peak_memory_mib"], 0),
              _fmt(r.summary.get("wall_s"), 0)] for r in runs]

@@ -6,6 +6,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -57,7 +58,7 @@ TASK_DATA_NOTES = {
 
 def train_classifier_bundle(
     *, data: Path, out: Path, name: str, task: str = "pneumonia", size: int = 128, epochs: int = 12,
-    batch_size: int = 32, seed: int = 0, device: str = "cpu",
+    batch_size: int = 32, seed: int = 0, device: str = "cpu", augmentation: str = "shortcut_robust",
 ) -> Bundle:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
@@ -68,7 +69,8 @@ def train_classifier_bundle(
     network = build_network(DEFAULT_ARCHITECTURE, DEFAULT_PARAMETERS)
     input_model = InputSpec(size=(size, size), aspect="squash", mean=0.5, std=0.25)
     model = BinaryClassifier(network, mean=input_model.mean, std=input_model.std)
-    config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device)
+    config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                                      augmentation=augmentation)
     trainer = ClassifierTrainer(config, model, splits["train"].images, splits["train"].labels,
                                 splits["val"].images, splits["val"].labels)
     steps = trainer.steps_per_epoch()
@@ -109,6 +111,7 @@ def train_classifier_bundle(
         training={
             "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": result.best_epoch,
+            "augmentation": augmentation, "settings": config.as_dict(),
             "wall_time_s": round(time.perf_counter() - started, 1), "device": device,
             "torch": torch.__version__, "python": platform.python_version(), "log": "classifier_training_log.csv",
         },
@@ -135,6 +138,42 @@ def _task_of(spec: BundleSpec) -> str:
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _figure(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _shortcut_table(figures: dict[str, Any]) -> list[str]:
+    rows = ["| overlay | median abs dP | p90 abs dP | median abs dP, 0.05<P<0.95 (n) | decisions changed | "
+            "AUROC overlaid |", "|---|---|---|---|---|---|"]
+    for name, f in figures.get("overlays", {}).items():
+        rows.append(f"| {name}{' (held out)' if f.get('held_out') else ''} | {f['median']:.4f} | {f['p90']:.4f} | "
+                    f"{_figure(f['median_uncertain'])} ({f['n_uncertain']}) | {f['decisions_changed']:.3f} | "
+                    f"{f['auroc']:.4f} |")
+    return rows
+
+
+def _shortcut_lines(figures: dict[str, Any] | None) -> list[str]:
+    """The model card's shortcut-sensitivity section (``benchmarks/bench_shortcut.py --record``)."""
+    if not figures:
+        return []
+    return ["", "## Shortcut sensitivity",
+            f"|P(overlaid) - P(clean)| on {figures['n']} test images when only a burned-in text strip or a side "
+            "marker is added (held out: kinds the training augmentation never draws). "
+            f"Command: `{figures['command']}`", "", *_shortcut_table(figures)]
+
+
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """Earlier versions' figures, measured in the same run as this version's."""
+    if not history:
+        return []
+    lines = ["## History", ""]
+    for entry in history:
+        lines += [f"### {entry['name']} {entry.get('version', '')} (classifier sha256 `{entry['classifier_sha256']}`)",
+                  f"- {entry.get('note', '')}", f"- Test AUROC {entry['test_auroc']:.4f}", "",
+                  *_shortcut_table(entry.get("shortcut_sensitivity", {})), ""]
+    return lines
 
 
 def write_model_card(bundle: Bundle) -> None:
@@ -165,14 +204,17 @@ def write_model_card(bundle: Bundle) -> None:
         if m:
             lines.append(f"| {name} | {m['auroc']:.4f} | {m['accuracy']:.4f} | {m['sensitivity']:.4f} | "
                          f"{m['specificity']:.4f} | {m['n']} |")
+    lines += _shortcut_lines(s.metrics.get("shortcut_sensitivity"))
     lines += [
         "",
         "## Training",
         f"- Command: `{s.training.get('command')}`",
         f"- Wall time: {s.training.get('wall_time_s')} s on {s.training.get('device')} "
         f"(torch {s.training.get('torch')}), seed {s.training.get('seed')}, best epoch {s.training.get('best_epoch')}",
+        f"- Augmentation: `{s.training.get('augmentation', 'basic')}` (explainers/train_classifier.py `augmentation`)",
         f"- Per-epoch log: `{s.training.get('log')}`",
         "",
+        *_history_lines(s.metrics.get("history", [])),
         "## Attribution",
         f"Trained on data from {s.data.get('attribution')}",
         "",
