@@ -12,6 +12,7 @@ from, and nothing of it in the other (0 lost, 0 duplicated). Waits are on events
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -298,3 +299,64 @@ def test_the_compose_configs_are_valid():
     worker = load_config(root / "docker" / "scaleout-worker.yaml")
     assert orthanc.queue.backend == worker.queue.backend == "celery"
     assert orthanc.queue.celery.origin in worker.queue.celery.origins
+
+
+# ----------------------------------------------------------------- the dispatcher (real Redis, no worker)
+
+
+def test_dispatcher_publishes_records_outcomes_and_survives_a_lost_message_and_a_broker_outage(tmp_path):
+    """The outbox is the truth: a message the broker lost is published again after
+    redeliver_after_s (fake clock), an outcome is recorded in the outbox, and a broker that
+    cannot be reached leaves the job pending with no attempt spent."""
+    import redis
+    from celery import Celery
+
+    from config import load_config
+    from pipeline.pacs.celery_queue import TASK_NAME, configure
+    from pipeline.pacs.dispatcher import Dispatcher
+    from pipeline.pacs.jobqueue import JobQueue
+
+    require_redis()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        now = [1000.0]
+        cfg = load_config(None, {"queue": {"backend": "celery", "backoff_s": 1, "celery": {
+            "broker_url": server.url, "origin": "a", "redeliver_after_s": 600, "visibility_timeout_s": 300}}})
+        app = configure(cfg, Celery("t", set_as_current=False))
+        outbox = JobQueue(tmp_path / "queue.db", clock=lambda: now[0])
+        job_id, _ = outbox.enqueue("orthanc:s1", {"kind": "orthanc", "study": "s1"})
+        dispatcher = Dispatcher(cfg, outbox, owner="dispatcher-test", celery_app=app, clock=lambda: now[0])
+        broker = redis.Redis(port=server.port)
+
+        assert dispatcher.step() and broker.llen("medxplain") == 1
+        message = json.loads(broker.lindex("medxplain", 0))
+        assert message["headers"]["task"] == TASK_NAME and message["content-type"] == "application/json"
+        assert message["headers"]["id"] == f"{job_id}.1" and outbox.get(job_id).state == "leased"
+
+        broker.delete("medxplain")  # the broker loses the message (no persistence)
+        now[0] += 599
+        dispatcher.step()
+        assert broker.llen("medxplain") == 0  # not yet: the task may still be running somewhere
+        now[0] += 2
+        dispatcher.step()
+        assert broker.llen("medxplain") == 1  # published again, same task id
+        assert json.loads(broker.lindex("medxplain", 0))["headers"]["id"] == f"{job_id}.1"
+
+        # A worker's outcome (what the task returns) is recorded in the outbox.
+        app.backend.store_result(f"{job_id}.1", {"verb": "complete", "wake": False, "result": {"ok": 1}}, "SUCCESS")
+        dispatcher.step()
+        assert outbox.get(job_id).state == "done" and outbox.get(job_id).result == {"ok": 1}
+        assert dispatcher.in_flight == {}
+
+        # The broker down at publishing time: the job stays pending, no attempt spent.
+        second, _ = outbox.enqueue("orthanc:s2", {"kind": "orthanc", "study": "s2"})
+        broker.close()
+        server.stop()
+        dispatcher.step()
+        job = outbox.get(second)
+        assert job.state == "pending" and job.attempts == 0 and dispatcher.pause_s > 0
+        server.start()
+        dispatcher.step()
+        assert outbox.get(second).state == "leased" and dispatcher.pause_s == 0
+    finally:
+        server.stop()

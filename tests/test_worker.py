@@ -436,6 +436,17 @@ def test_redactor_scrubs_uids_and_patient_values(cr_jpeg):
     assert record.getMessage() == f'copy attributes from "uid:{hash_text(str(ds.StudyInstanceUID))}"'
 
 
+def test_uuid_derived_uids_are_scrubbed_but_versions_and_addresses_stay():
+    # 2.25.<UUID as a decimal> has three components only (PS3.5 B.2); Celery and
+    # pydicom's generate_uid() make them.
+    uuid_uid = "2.25.329800735698586629295641978511506172918"
+    text = f"stored {uuid_uid} and 1.2.826.0.1.3680043.8.498.1 via 127.0.0.1:8042 (Orthanc 1.10.1, celery 5.7.0)"
+    scrubbed = Redactor().scrub(text)
+    assert uuid_uid not in scrubbed and f"uid:{hash_text(uuid_uid)}" in scrubbed
+    assert "uid:" + hash_text("1.2.826.0.1.3680043.8.498.1") in scrubbed
+    assert "127.0.0.1:8042" in scrubbed and "1.10.1" in scrubbed and "5.7.0" in scrubbed
+
+
 # --------------------------------------------------------------------------- CLI
 
 

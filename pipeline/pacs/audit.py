@@ -27,8 +27,10 @@ from dicom_io.uids import hash_text
 
 __all__ = ["AuditLog", "JobAudit", "Redactor", "ScrubUIDsFilter"]
 
-# A DICOM UID with at least five components (IPv4 addresses and versions have fewer).
-_UID = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){4,}(?![\w.])")
+# A DICOM UID: at least five components (IPv4 addresses and versions have fewer), or
+# a UUID-derived UID, "2.25." and the UUID as one decimal number (PS3.5 B.2), which has
+# only three; its long last component tells it from a version number.
+_UID = re.compile(r"(?<![\w.])(?:[0-9]+(?:\.[0-9]+){4,}|2\.25\.[0-9]{6,}(?:\.[0-9]+)*)(?![\w.])")
 # Attributes whose values identify the patient (or lead to them).
 _IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
                 "AccessionNumber", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
