@@ -60,6 +60,18 @@ def test_lesion_benchmark_report_with_localisation_and_resume(lesion_data, tmp_p
     assert "from the cache of an earlier run: gradcam" in (out / "report.md").read_text()
 
 
+def test_robustness_can_be_left_out(lesion_data, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["benchmark", "--bundle", str(DEMO), "--data", str(lesion_data), "--out", str(out),
+                                      "--n", "2", "--methods", "gradcam", "--robustness-n", "0", "--sanity-n", "0",
+                                      "--steps", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    assert "Spearman σ=" not in report and "deletion AUC" in report
+    summary = json.loads((out / ".cache" / "gradcam.json").read_text())
+    assert not any(key.startswith("robust_") for key in summary) and summary["n"] == 2
+
+
 def test_cases_with_masks_are_the_positives(lesion_data):
     cases = select_cases(lesion_data, Bundle.load(DEMO), n=10, seed=0)
     assert len(cases.paths) == 4 and cases.labels.tolist() == [1, 1, 1, 1]

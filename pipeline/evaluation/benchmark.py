@@ -282,8 +282,8 @@ def run_method(name: str, bundle: Bundle, classifier: torch.nn.Module, cases: Ca
         "peak_memory_mib": peak / 2 ** 20, "peak_memory_source": peak_source,
     }
 
-    # Robustness: the same method on noisy copies of the first cases.
-    for level_index, sigma in enumerate(NOISE_LEVELS):
+    # Robustness: the same method on noisy copies of the first cases (none: --robustness-n 0).
+    for level_index, sigma in enumerate(NOISE_LEVELS if robustness_n else ()):
         noisy_maps = []
         for start in range(0, robustness_n, batch_size):
             batch = images[start:min(start + batch_size, robustness_n)]

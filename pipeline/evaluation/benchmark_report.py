@@ -80,13 +80,15 @@ def tables(result: BenchmarkResult) -> list[Table]:
                      ["method", "deletion AUC", "insertion AUC"], rows,
                      "P(called class) as the most salient pixels are replaced by a 17 px local mean (deletion), "
                      "or restored into that blurred image (insertion), in steps of 1/16 of the pixels."))
-    headers = ["method"] + [f"Spearman σ={s}" for s in NOISE_LEVELS] + [f"SSIM σ={s}" for s in NOISE_LEVELS]
-    rows = [[r.name] + [_mean_ci(r.arrays[f"robust_spearman_{s}"]) for s in NOISE_LEVELS]
-            + [_mean_ci(r.arrays[f"robust_ssim_{s}"]) for s in NOISE_LEVELS] for r in runs]
-    robust_n = len(runs[0].arrays[f"robust_ssim_{NOISE_LEVELS[0]}"]) if runs else 0
-    out.append(Table("Robustness: agreement of the map of an image and of the image plus Gaussian noise "
-                     "(higher is better)", headers, rows,
-                     f"First {robust_n} cases; σ in model-space intensity (images in [0, 1])."))
+    robust = [r for r in runs if f"robust_ssim_{NOISE_LEVELS[0]}" in r.arrays]  # none with --robustness-n 0
+    if robust:
+        headers = ["method"] + [f"Spearman σ={s}" for s in NOISE_LEVELS] + [f"SSIM σ={s}" for s in NOISE_LEVELS]
+        rows = [[r.name] + [_mean_ci(r.arrays[f"robust_spearman_{s}"]) for s in NOISE_LEVELS]
+                + [_mean_ci(r.arrays[f"robust_ssim_{s}"]) for s in NOISE_LEVELS] for r in robust]
+        robust_n = len(robust[0].arrays[f"robust_ssim_{NOISE_LEVELS[0]}"])
+        out.append(Table("Robustness: agreement of the map of an image and of the image plus Gaussian noise "
+                         "(higher is better)", headers, rows,
+                         f"First {robust_n} cases; σ in model-space intensity (images in [0, 1])."))
     sane = [r for r in runs if any(k.startswith("randomised_") for k in r.arrays)]
     if sane:
         stages = [f"randomised_{f:g}" for f in SANITY_STAGES]
