@@ -90,6 +90,16 @@ def test_explain_with_no_inputs_fails(tmp_path, demo_bundle):
     assert "no input files" in done.stdout
 
 
+def test_info_shows_every_shipped_bundle():
+    # v2 records its shortcut sensitivity and its version history next to the split metrics.
+    for bundle in sorted(p.parent for p in (PROJECT_ROOT / "bundles").glob("*/bundle.yaml")):
+        done = run("info", str(bundle))
+        assert "sha256 verified" in done.stdout and "test: auroc" in done.stdout, bundle
+        if bundle.name == "demo-pneumonia-v2":
+            assert "marker_corner median |dP| (uncertain)" in done.stdout
+            assert "history: demo-pneumonia 1.0.0 test AUROC 0.9704" in done.stdout
+
+
 def test_info_verifies_hashes(tmp_path, demo_bundle):
     done = run("info", str(demo_bundle))
     assert "sha256 verified" in done.stdout and "ok" in done.stdout

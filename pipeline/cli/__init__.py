@@ -261,9 +261,8 @@ def info_command(bundle: Path = typer.Argument(..., help="bundle folder")) -> No
     console.print(f"task: {s.task.positive_label} vs {s.task.negative_label}, threshold {s.task.threshold:.4f}; "
                   f"input {s.input.size[0]}x{s.input.size[1]} ({s.input.aspect})")
     console.print(f"classifier: {s.classifier.architecture or s.classifier.format} {s.classifier.parameters}")
-    for split, m in s.metrics.items():
-        console.print(f"{split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in m.items()))
+    for key, value in s.metrics.items():
+        console.print(f"{key}: {_metric_summary(value)}")
     table = Table(title="weights (sha256 verified)")
     table.add_column("part")
     table.add_column("file")
@@ -279,6 +278,20 @@ def info_command(bundle: Path = typer.Argument(..., help="bundle folder")) -> No
     console.print("explainers available with this bundle: " + ", ".join(ready))
     if missing:
         console.print("not trained for this bundle (medxplain train METHOD): " + ", ".join(missing))
+
+
+def _metric_summary(value: Any) -> str:
+    """One line for a bundle.yaml ``metrics`` entry: a split's figures, the shortcut
+    sensitivity (median |dP| on uncertain images per overlay) or the version history."""
+    if isinstance(value, list):  # history: earlier versions of the classifier
+        return "; ".join(f"{v.get('name')} {v.get('version', '')} test AUROC {v.get('test_auroc')}"
+                         if isinstance(v, dict) else str(v) for v in value)
+    if isinstance(value, dict) and isinstance(value.get("overlays"), dict):
+        return ", ".join(f"{name} median |dP| (uncertain) {o.get('median_uncertain')}"
+                         for name, o in value["overlays"].items())
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def _load(loader, path, overrides):
