@@ -8,7 +8,8 @@ c_k its centre):
     G step   w_cls  * BCE(f(G(x, k)), c_k)                 classifier consistency
            + w_rec  * L1(G(x, k_x), x)                      reconstruction
            + w_cyc  * L1(G(G(x, k), k_x), x)                cycle
-           + w_prox * L1(G(x, k), x)                        keep anatomy and devices
+           + w_prox * L1_lung(G(x, k), x)                   keep anatomy and devices: change outside
+                                                            the lung fields costs 1 + w_out more
            - w_gan  * D(G(x, k), k)
 
 Requested bins are drawn uniformly, so every posterior is trained even though the
@@ -28,6 +29,7 @@ from torch import nn
 
 from explainers._helpers import to_working, working_size
 from explainers.exaggeration import ConditionalGenerator, ExaggerationExplainer, ProjectionCritic, bin_centre, bin_of
+from explainers.lesions import lung_weighted_l1
 from explainers.training import AdversarialTrainer, TrainingSettings, explainer_parameter, from_bundle, option
 from explainers.validity import evaluate_explainer
 
@@ -39,6 +41,8 @@ class ExaggerationLossWeights:
     cycle: float = 5.0
     proximity: float = 1.0
     adversarial: float = 0.1
+    outside_lungs: float = option(4.0, "proximity outside the lung fields costs 1 + this times more "
+                                       "(explainers.lesions.lung_weighted_l1; 0: plain L1, as in v1)")
 
 
 @dataclass
@@ -97,7 +101,7 @@ class ExaggerationTrainer(AdversarialTrainer):
         cls = F.binary_cross_entropy_with_logits(logits, bin_centre(wanted, bins))
         rec = F.l1_loss(rebuilt, x)
         cyc = F.l1_loss(cycled, x)
-        prox = F.l1_loss(fake, x)
+        prox = lung_weighted_l1(fake, x, w.outside_lungs)
         gan = -self.critic(fake, wanted).mean()
         loss_g = (w.classification * cls + w.reconstruction * rec + w.cycle * cyc + w.proximity * prox
                   + w.adversarial * gan)

@@ -7,11 +7,12 @@ c ~ Bernoulli(1/2) per sample, z1 ~ N(0, I), and z2 = 0 for c = 0, z2 ~ N(0, I) 
     D step   hinge:  relu(1 - D(x)) + relu(1 + D(G(z)))
     G step   w_cls * BCE(f(up(G(z))) - t -+ m, c)      one sigmoid on the one logit
            - w_gan * D(G(z))
-           + w_walk * BCE(f(x'), 1 - yhat) + w_prox * L1(x', x)      the walk on real images
+           + w_walk * BCE(f(x'), 1 - yhat) + w_prox * L1_lung(x', x)  the walk on real images
     E step   w_lat * MSE(E(G(z)), z)                    codes of generated images
            + w_rec * [L1 + MSE](G(E(x)), x)             real images (G frozen here)
 
-The last two terms are not in the paper. x' = x + up(G(z1, z2') - G(z1, z2)) is the
+The last two terms are not in the paper, nor is L1_lung: change outside the lung
+fields costs 1 + w_out times more (explainers.lesions.lung_weighted_l1). x' = x + up(G(z1, z2') - G(z1, z2)) is the
 counterfactual the explainer shows for a real image x, with (z1, z2) = E(x) and
 z2' = 0 where the classifier calls x positive (yhat = 1), z2' = z2 + N(0, I) where it
 calls it negative. Without them the generator learned to make its *own* images
@@ -38,6 +39,7 @@ from torch import nn
 
 from explainers._helpers import to_working
 from explainers.base import threshold_logit
+from explainers.lesions import lung_weighted_l1
 from explainers.medxgan import ANATOMY_DIM, PATHOLOGY_DIM, MedxganEncoder, MedxganExplainer, MedxganGenerator, to_input
 from explainers.networks import PatchCritic
 from explainers.training import AdversarialTrainer, TrainingSettings, adam, explainer_parameter, from_bundle, option
@@ -50,6 +52,8 @@ class MedxganLossWeights:
     adversarial: float = 1.0
     walk: float = 1.0  # the latent walk, added to real images, crosses the threshold (not in the paper)
     proximity: float = 1.0  # ... with an L1 cost on the change it makes
+    outside_lungs: float = option(4.0, "walk proximity outside the lung fields costs 1 + this times more "
+                                       "(explainers.lesions.lung_weighted_l1; 0: plain L1, as in v1)")
     latent: float = 1.0  # encoder: codes of generated images
     reconstruction: float = 1.0  # encoder: real images through the frozen generator
 
@@ -133,7 +137,7 @@ class MedxganTrainer(AdversarialTrainer):
         wanted = 1.0 - called
         logits = self.classifier(shown).reshape(-1).float() - self.offset
         return (F.binary_cross_entropy_with_logits(logits - margin * (2.0 * wanted - 1.0), wanted),
-                F.l1_loss(shown, x))
+                lung_weighted_l1(shown, x, self.settings.weights.outside_lungs))
 
     def step(self, x: torch.Tensor) -> tuple[dict[str, float], int]:
         s, w, g, n = self.settings, self.settings.weights, self.generator, len(x)

@@ -6,7 +6,7 @@ Against a frozen classifier and its own thresholded decisions (never the labels)
     D step   hinge:  relu(1 - D(x)) + relu(1 + D(S(x))) + relu(1 + D(A(x)))
     G step   w_cls  * [BCE(f(S(x)) - t, yhat) + BCE(f(A(x)) - t -+ m, 1 - yhat)]
            + w_rec  * [L1(S(x), x) + L2(S(x), x)]
-           + w_prox * L1(A(x), x)
+           + w_prox * L1_lung(A(x), x)       change outside the lung fields costs 1 + w_out more
            - w_gan  * [D(S(x)) + D(A(x))] / 2
 
 with yhat = [f(x) >= threshold] on the *augmented* x and t = logit(threshold), so
@@ -25,6 +25,7 @@ from torch import nn
 
 from explainers._helpers import as_float, frozen, to_working, working_size
 from explainers.base import threshold_logit
+from explainers.lesions import lung_weighted_l1
 from explainers.networks import PatchCritic
 from explainers.sagen import SagenExplainer, SagenGenerator
 from explainers.training import AdversarialTrainer, TrainingSettings, explainer_parameter, from_bundle, option
@@ -38,6 +39,8 @@ class SagenLossWeights:
     proximity: float = option(2.0, "weight of L1(A(x), x): higher keeps the counterfactual closer to the input, "
                                    "lower flips more decisions")  # 5 left test NORMAL->PNEUMONIA at 70% flips
     adversarial: float = 0.1  # realism: hinge generator loss, both heads
+    outside_lungs: float = option(4.0, "proximity outside the lung fields costs 1 + this times more "
+                                       "(explainers.lesions.lung_weighted_l1; 0: plain L1, as in v1)")
 
 
 @dataclass
@@ -121,7 +124,7 @@ class SagenTrainer(AdversarialTrainer):
         cls_a = F.binary_cross_entropy_with_logits(logits[n:] - s.margin * (2.0 * wanted - 1.0), wanted,
                                                    weight=weight)
         rec = F.l1_loss(similar, x) + F.mse_loss(similar, x)
-        prox = F.l1_loss(adversarial, x)
+        prox = lung_weighted_l1(adversarial, x, w.outside_lungs)
         gan = -self.critic(fakes).mean()
         loss_g = (w.classification * (cls_s + cls_a) + w.reconstruction * rec + w.proximity * prox
                   + w.adversarial * gan)
