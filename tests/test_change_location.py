@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from explainers.evaluation import EvaluationError, border_band_mask, change_location
-from explainers.lesions import LesionError, lung_fields
+from explainers.lesions import LesionError, lung_field_masks, lung_fields, lung_weighted_l1
 
 
 def test_a_uniform_change_scores_its_area_and_a_border_change_scores_one():
@@ -43,3 +43,25 @@ def test_lung_fields_find_the_lungs_of_a_phantom():
     assert iou > 0.85
     with pytest.raises(LesionError):
         lung_fields(np.zeros((10, 10), dtype=np.uint8))
+
+
+def test_lung_weighted_proximity_charges_change_outside_the_lungs_more():
+    image, lungs = _phantom()
+    x = torch.from_numpy(image).float()[None, None] / 255
+    masks = lung_field_masks(x)
+    assert masks.shape == (1, 1, 128, 128)
+    found = masks[0, 0].bool().numpy()
+    assert (found & lungs).sum() / (found | lungs).sum() > 0.8  # found at 64 px, scaled back
+    inside, outside = x.clone(), x.clone()
+    lung_pixels = torch.from_numpy(lungs & found)
+    outside_pixels = torch.from_numpy(~lungs & ~found)
+    inside[0, 0][lung_pixels] += 0.1
+    outside[0, 0][outside_pixels] += 0.1
+    # Per changed pixel, change outside the lungs costs 1 + 4 times as much.
+    per_pixel_in = float(lung_weighted_l1(inside, x, 4.0)) / float(lung_pixels.float().mean())
+    per_pixel_out = float(lung_weighted_l1(outside, x, 4.0)) / float(outside_pixels.float().mean())
+    assert per_pixel_out / per_pixel_in == pytest.approx(5.0, rel=1e-3)
+    # Weight 0 is plain L1; a negative weight is refused.
+    assert float(lung_weighted_l1(outside, x, 0.0)) == pytest.approx(float(torch.nn.functional.l1_loss(outside, x)))
+    with pytest.raises(ValueError):
+        lung_weighted_l1(outside, x, -1.0)

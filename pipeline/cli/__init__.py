@@ -96,6 +96,30 @@ def _register_train_commands() -> None:
 _register_train_commands()
 
 
+@train_app.command("adopt")
+def train_adopt_command(
+    method: str = typer.Argument(..., help="gvr or cia: a method whose networks never see the classifier in training"),
+    bundle: Path = typer.Option(..., help="bundle that receives the networks (its classifier is explained)"),
+    networks_from: Path = typer.Option(..., "--from", help="bundle with the trained networks (same input)"),
+    data: Path = typer.Option(..., help="folder with manifest.csv: the re-validation's val and test splits"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+) -> None:
+    """Reuse another bundle's classifier-independent networks, re-validated against this bundle's classifier."""
+    from explainers.bundle import BundleError
+    from pipeline.training.datasets import DatasetError
+    from pipeline.training.explainers import adopt_explainer
+
+    try:
+        result = adopt_explainer(method, bundle=bundle, source=networks_from, data=data, device=device)
+    except (KeyError, BundleError, DatasetError, ValueError) as exc:
+        console.print(f"[red]cannot adopt {method}:[/] {exc}")
+        raise typer.Exit(2)
+    test = result.spec.explainers[method].training["test"]
+    console.print(f"[green]adopted[/] {method} from {networks_from} into {result.root} — test flip rate "
+                  f"{test['flip_rate']:.3f} (called positive {test['flip_rate_called_positive']}, negative "
+                  f"{test['flip_rate_called_negative']}), L1 {test['proximity_l1']:.4f}")
+
+
 @train_app.command("domain-guard")
 def train_domain_guard_command(
     bundle: Path = typer.Option(..., help="bundle folder whose classifier the guard protects"),

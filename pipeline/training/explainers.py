@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from dicom_io.preprocess import Preprocessor
 from explainers.bundle import Bundle, BundleError, ExplainerSpec, save_weights
 from explainers.training import Trainer, TrainingSettings, bundle_trainers, fit
+from explainers.validity import evaluate_explainer
 from pipeline.training.datasets import Split, load_splits
 
 #: Every trainable explainer, by method id: its trainer declaration.
@@ -140,4 +141,75 @@ def train_explainer_bundle(method: str, *, bundle: Path, data: Path, settings: T
             "torch": torch.__version__, "python": platform.python_version(), "log": log_file,
         },
     )
+    return add_explainer(target.root, method, section)
+
+
+#: Validation images an adopted explainer is scored on (per-image searches: a seeded subset).
+ADOPTED_VALIDATION_IMAGES = 128
+
+
+def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path, device: str = "cpu",
+                    batch_size: int = 32) -> Bundle:
+    """Give ``bundle`` the trained networks of ``method`` from ``source`` (another bundle
+    with the same input), re-validated against ``bundle``'s own classifier.
+
+    Only for methods whose networks never see the classifier while training
+    (``Trainer.needs_classifier`` False: gvr's autoencoder, cia's inpainters): their
+    weights are the same whichever classifier they explain, so retraining would only
+    repeat hours of CPU. What does depend on the classifier, the explainer's flips and
+    changes, is measured again on ``data``'s validation subset and test split and
+    replaces the source's figures; the training record keeps the source's training and
+    says where the networks came from (``networks_from``).
+
+    Raises KeyError for an unknown method, ValueError for a method whose training reads
+    the classifier, ``BundleError`` when the source lacks the method or its input
+    differs, ``DatasetError`` for bad data.
+    """
+    if method not in TRAINERS:
+        raise KeyError(f"no trainer for {method!r}; trainable: {', '.join(sorted(TRAINERS))}")
+    if TRAINERS[method].needs_classifier:
+        raise ValueError(f"{method}'s networks are trained against the classifier: retrain them "
+                         f"(`medxplain train {method} --bundle {bundle} --data DIR`) instead of adopting them")
+    started = time.perf_counter()
+    target, origin = Bundle.load(bundle), Bundle.load(source)
+    if method not in origin.spec.explainers:
+        raise BundleError(f"{source} has no trained {method}")
+    if origin.spec.input != target.spec.input:
+        raise BundleError(f"{source}'s input {origin.spec.input.model_dump()} differs from {bundle}'s "
+                          f"{target.spec.input.model_dump()}: its {method} networks do not fit")
+    original = origin.spec.explainers[method]
+    # Re-validate with the explainer built exactly as the engine builds it, from the source.
+    from pipeline.engine import build_explainer
+
+    explainer = build_explainer(method, origin, {"threshold": target.spec.task.threshold})
+    classifier = target.load_classifier(device=device)
+    splits = training_splits(target, data, max_images=None, seed=int(original.training.get("seed", 0)))
+    val = seeded_subset(splits["val"], ADOPTED_VALIDATION_IMAGES, int(original.training.get("seed", 0)))
+    validation = evaluate_explainer(explainer, classifier, val.images, batch_size=batch_size, device=device)
+    test = evaluate_explainer(explainer, classifier, splits["test"].images, batch_size=batch_size, device=device)
+    weights = {part: save_weights(origin.load_state(method, part), target.root / ref.file)
+               for part, ref in original.weights.items()}
+    section = ExplainerSpec(
+        classifier_sha256=target.spec.classifier.weights.sha256,
+        parameters=original.parameters,
+        weights=weights,
+        training={
+            **original.training,
+            "networks_from": {"bundle": f"{origin.spec.name} {origin.spec.version}",
+                              "classifier_sha256": original.classifier_sha256,
+                              "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                              "why": "the networks never see the classifier while training "
+                                     f"({TRAINERS[method].__name__}.needs_classifier is False)",
+                              "original_validation": original.training.get("validation"),
+                              "original_test": original.training.get("test"),
+                              "wall_time_s": round(time.perf_counter() - started, 1)},
+            "validation": rounded_metrics(validation), "test": rounded_metrics(test),
+            "data": {**original.training.get("data", {}), "source": data.name,
+                     "splits": {k: int(len(v.labels)) for k, v in splits.items()}},
+        },
+    )
+    if original.training.get("log"):
+        log = origin.root / original.training["log"]
+        if log.exists():
+            (target.root / log.name).write_bytes(log.read_bytes())
     return add_explainer(target.root, method, section)

@@ -1,0 +1,85 @@
+"""`medxplain train adopt`: classifier-independent networks (gvr's autoencoder, cia's
+inpainters) reused by a bundle with another classifier, re-validated against it.
+
+Real bundles: the shipped v1 bundle is the source, a temporary copy of the v2 bundle
+(classifier only) the target; the repository's bundles are never modified."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from explainers.base import explainer_class
+from explainers.bundle import Bundle, ClassifierMismatchError
+from tests.conftest import PROJECT_ROOT
+from tests.generator_helpers import DEMO_BUNDLE, real_images, small_data
+
+V2_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia-v2"
+
+
+def _adopt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "adopt", *args], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture()
+def target(tmp_path):
+    copy = tmp_path / "v2"
+    shutil.copytree(V2_BUNDLE, copy, ignore=shutil.ignore_patterns(".checkpoints", "gvr*", "cia*", "sagen*",
+                                                                 "exaggeration*", "medxgan*"))
+    spec = yaml.safe_load((copy / "bundle.yaml").read_text())
+    spec["explainers"] = {}  # a classifier-only bundle, whatever has been trained into v2 since
+    (copy / "bundle.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return copy
+
+
+def test_adopted_networks_are_bound_to_the_new_classifier_and_revalidated(tmp_path, target, kermany_dir):
+    source = Bundle.load(DEMO_BUNDLE)
+    assert source.spec.classifier.weights.sha256 != Bundle.load(target).spec.classifier.weights.sha256
+    data = small_data(tmp_path, kermany_dir)
+    done = _adopt("gvr", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data))
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "adopted gvr" in done.stdout
+
+    bundle = Bundle.load(target)  # verifies every pinned hash
+    spec = bundle.spec.explainers["gvr"]
+    original = source.spec.explainers["gvr"]
+    assert spec.classifier_sha256 == bundle.spec.classifier.weights.sha256
+    assert spec.weights["autoencoder"].sha256 == original.weights["autoencoder"].sha256  # same networks
+    assert spec.parameters == original.parameters
+    origin = spec.training["networks_from"]
+    assert origin["classifier_sha256"] == source.spec.classifier.weights.sha256
+    assert origin["original_test"] == original.training["test"]
+    # The figures are the new classifier's, on the data given (its 16 test images).
+    assert spec.training["test"]["n"] == 16 and spec.training["test"] != original.training["test"]
+    assert 0.0 <= spec.training["test"]["flip_rate"] <= 1.0
+    assert (target / "gvr_training_log.csv").is_file()
+
+    explainer = explainer_class("gvr").from_bundle(bundle, steps=2, search_steps=3)
+    e = explainer.explain(real_images(kermany_dir, 2), bundle.load_classifier())
+    assert e.counterfactuals.shape == (2, 2, 1, 128, 128)
+
+
+def test_methods_trained_against_the_classifier_cannot_be_adopted(tmp_path, target, kermany_dir):
+    data = small_data(tmp_path, kermany_dir)
+    refused = _adopt("sagen", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data))
+    assert refused.returncode == 2 and "trained against the classifier" in refused.stdout
+    assert "sagen" not in Bundle.load(target).spec.explainers
+    with pytest.raises(ClassifierMismatchError):  # and the binding still refuses a copied section
+        copied = Bundle.load(target)
+        copied.spec.explainers["sagen"] = Bundle.load(DEMO_BUNDLE).spec.explainers["sagen"]
+        copied.check_classifier_binding("sagen")
+
+
+def test_a_source_with_another_input_is_refused(tmp_path, target, kermany_dir):
+    other = tmp_path / "other"
+    shutil.copytree(DEMO_BUNDLE, other, ignore=shutil.ignore_patterns(".checkpoints"))
+    spec = yaml.safe_load((other / "bundle.yaml").read_text())
+    spec["input"]["aspect"] = "pad" if spec["input"]["aspect"] != "pad" else "squash"
+    (other / "bundle.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    refused = _adopt("gvr", "--bundle", str(target), "--from", str(other), "--data", str(kermany_dir))
+    assert refused.returncode == 2 and "differs" in refused.stdout
+    assert "gvr" not in Bundle.load(target).spec.explainers
