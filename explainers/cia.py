@@ -60,6 +60,7 @@ from torch import nn
 
 from explainers._helpers import frozen
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
+from explainers.lesions import outside_lung_weights
 from explainers.optimise import SearchBudget, per_image_adam
 from explainers.validity import counterfactual_checks
 
@@ -172,7 +173,7 @@ class CiaExplainer(Explainer):
     def __init__(self, *, fill_negative: Inpainter, fill_positive: Inpainter, steps: int = 1,
                  search_steps: int = 60, learning_rate: float = 0.4, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 3.0, mask_size: int = 16,
-                 initial_mask: float = 0.1, threshold: float = 0.5):
+                 initial_mask: float = 0.1, outside_lungs: float = 0.0, threshold: float = 0.5):
         """Major et al. 2020 (method section: the mask objective with area and total
         variation terms), in both directions (see the module docstring).
 
@@ -181,7 +182,9 @@ class CiaExplainer(Explainer):
         ``learning_rate``, ``tolerance``, ``patience``: the per-image Adam budget.
         ``margin`` >= 0 (logits), ``area_weight`` (lambda1) >= 0, ``tv_weight`` (lambda2)
         >= 0, ``mask_size`` >= 2 (side of the mask's logit grid), ``initial_mask`` in
-        (0, 1). Raises ValueError for values out of these ranges.
+        (0, 1). ``outside_lungs`` >= 0: the area term counts mask outside the lung fields
+        1 + this times (``explainers.lesions.outside_lung_weights``; 0: the paper's plain
+        mean area). Raises ValueError for values out of these ranges.
         """
         if int(steps) < 1:
             raise ValueError(f"cia steps must be >= 1, got {steps}")
@@ -189,19 +192,21 @@ class CiaExplainer(Explainer):
             raise ValueError(f"cia mask_size must be >= 2, got {mask_size}")
         if not 0.0 < initial_mask < 1.0:
             raise ValueError(f"cia initial_mask must be in (0, 1), got {initial_mask}")
-        if margin < 0 or area_weight < 0 or tv_weight < 0:
-            raise ValueError(f"cia margin, area_weight and tv_weight must be >= 0, got {margin}, {area_weight}, "
-                             f"{tv_weight}")
+        if margin < 0 or area_weight < 0 or tv_weight < 0 or outside_lungs < 0:
+            raise ValueError(f"cia margin, area_weight, tv_weight and outside_lungs must be >= 0, got {margin}, "
+                             f"{area_weight}, {tv_weight}, {outside_lungs}")
         budget = SearchBudget(steps=int(search_steps), learning_rate=float(learning_rate),
                               tolerance=float(tolerance), patience=int(patience))
         super().__init__(threshold=threshold, steps=int(steps), search_steps=budget.steps,
                          learning_rate=budget.learning_rate, tolerance=budget.tolerance, patience=budget.patience,
                          margin=float(margin), area_weight=float(area_weight), tv_weight=float(tv_weight),
-                         mask_size=int(mask_size), initial_mask=float(initial_mask))
+                         mask_size=int(mask_size), initial_mask=float(initial_mask),
+                         outside_lungs=float(outside_lungs))
         self.fill_negative, self.fill_positive = fill_negative.eval(), fill_positive.eval()
         self.steps, self.budget = int(steps), budget
         self.margin, self.area_weight, self.tv_weight = float(margin), float(area_weight), float(tv_weight)
         self.mask_size, self.initial_mask = int(mask_size), float(initial_mask)
+        self.outside_lungs = float(outside_lungs)
 
     def _masks(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(torch.sigmoid(logits), size=size, mode="bilinear", align_corners=False)
@@ -232,6 +237,10 @@ class CiaExplainer(Explainer):
         called = probability >= self.threshold
         wanted = (~called).float()  # the class the counterfactual must reach
         shift = self.margin * (2.0 * wanted - 1.0)
+        # Per-cell cost of mask area, on the mask's grid (all ones: the paper's plain mean).
+        grid = (self.mask_size, self.mask_size)
+        area_cost = (outside_lung_weights(images, self.outside_lungs, grid) if self.outside_lungs
+                     else torch.ones(batch, 1, *grid, device=device))
 
         def loss_fn(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # The networks see one image at a time: convolutions batched differently round
@@ -243,7 +252,7 @@ class CiaExplainer(Explainer):
                            for k, j in enumerate(index.tolist())]).float() - offset
             classification = F.binary_cross_entropy_with_logits(z - shift[index], wanted[index], reduction="none")
             m = torch.sigmoid(logits)
-            loss = (classification + self.area_weight * m.flatten(1).mean(1)
+            loss = (classification + self.area_weight * (m * area_cost[index]).flatten(1).mean(1)
                     + self.tv_weight * total_variation(m))
             reached = torch.where(wanted[index] > 0, z >= self.margin, z <= -self.margin)
             return loss, reached.detach()

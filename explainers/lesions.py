@@ -283,11 +283,24 @@ def lung_field_masks(images: torch.Tensor, *, side: int = 64) -> torch.Tensor:
         return F.interpolate(torch.from_numpy(fields).to(images.device), size=images.shape[-2:], mode="nearest")
 
 
+def outside_lung_weights(images: torch.Tensor, outside_lungs: float, size: tuple[int, int] | None = None
+                         ) -> torch.Tensor:
+    """(B, 1, h, w) cost weights 1 + ``outside_lungs`` x (share of the pixel outside the
+    lung fields of ``lung_field_masks(images)``), at ``size`` (area-averaged; default the
+    images' own). Raises ValueError for a negative weight."""
+    if outside_lungs < 0:
+        raise ValueError(f"outside_lungs weight must be >= 0, got {outside_lungs}")
+    outside = 1.0 - lung_field_masks(images)
+    if size is not None and tuple(size) != tuple(outside.shape[-2:]):
+        outside = F.interpolate(outside, size=tuple(size), mode="area")
+    return 1.0 + outside_lungs * outside
+
+
 def lung_weighted_l1(changed: torch.Tensor, images: torch.Tensor, outside_lungs: float) -> torch.Tensor:
     """Proximity cost that makes change outside the lung fields ``1 + outside_lungs``
     times as expensive as inside them: mean over pixels of |changed - images| x
-    (1 + outside_lungs x [not lung]), lung fields from ``lung_field_masks(images)``.
-    ``outside_lungs = 0`` is exactly ``F.l1_loss``. Tensors (B, C, H, W) in [0, 1].
+    ``outside_lung_weights(images, outside_lungs)``. ``outside_lungs = 0`` is exactly
+    ``F.l1_loss``. Tensors (B, C, H, W) in [0, 1].
 
     Not in the papers: the generative methods otherwise take the classifier's cheapest
     route, which on chest radiographs runs through the borders, the heart and the
@@ -298,5 +311,4 @@ def lung_weighted_l1(changed: torch.Tensor, images: torch.Tensor, outside_lungs:
     difference = (changed - images).abs()
     if outside_lungs == 0:
         return difference.mean()
-    weight = 1.0 + outside_lungs * (1.0 - lung_field_masks(images))
-    return (difference * weight).mean()
+    return (difference * outside_lung_weights(images, outside_lungs)).mean()

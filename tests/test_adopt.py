@@ -40,7 +40,8 @@ def test_adopted_networks_are_bound_to_the_new_classifier_and_revalidated(tmp_pa
     source = Bundle.load(DEMO_BUNDLE)
     assert source.spec.classifier.weights.sha256 != Bundle.load(target).spec.classifier.weights.sha256
     data = small_data(tmp_path, kermany_dir)
-    done = _adopt("gvr", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data))
+    done = _adopt("gvr", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data),
+                  "--parameter", "search_steps=40")
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "adopted gvr" in done.stdout
 
@@ -49,15 +50,17 @@ def test_adopted_networks_are_bound_to_the_new_classifier_and_revalidated(tmp_pa
     original = source.spec.explainers["gvr"]
     assert spec.classifier_sha256 == bundle.spec.classifier.weights.sha256
     assert spec.weights["autoencoder"].sha256 == original.weights["autoencoder"].sha256  # same networks
-    assert spec.parameters == original.parameters
+    assert spec.parameters == {**original.parameters, "search_steps": 40}
     origin = spec.training["networks_from"]
     assert origin["classifier_sha256"] == source.spec.classifier.weights.sha256
+    assert origin["changed_parameters"] == {"search_steps": 40}
     assert origin["original_test"] == original.training["test"]
     # The figures are the new classifier's, on the data given (its 16 test images).
     assert spec.training["test"]["n"] == 16 and spec.training["test"] != original.training["test"]
     assert 0.0 <= spec.training["test"]["flip_rate"] <= 1.0
     assert (target / "gvr_training_log.csv").is_file()
 
+    assert explainer_class("gvr").from_bundle(bundle).budget.steps == 40  # what the bundle now runs
     explainer = explainer_class("gvr").from_bundle(bundle, steps=2, search_steps=3)
     e = explainer.explain(real_images(kermany_dir, 2), bundle.load_classifier())
     assert e.counterfactuals.shape == (2, 2, 1, 128, 128)
@@ -68,6 +71,9 @@ def test_methods_trained_against_the_classifier_cannot_be_adopted(tmp_path, targ
     refused = _adopt("sagen", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data))
     assert refused.returncode == 2 and "trained against the classifier" in refused.stdout
     assert "sagen" not in Bundle.load(target).spec.explainers
+    unknown = _adopt("gvr", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data),
+                     "--parameter", "no_such_thing=1")
+    assert unknown.returncode == 2 and "no parameter no_such_thing" in unknown.stdout
     with pytest.raises(ClassifierMismatchError):  # and the binding still refuses a copied section
         copied = Bundle.load(target)
         copied.spec.explainers["sagen"] = Bundle.load(DEMO_BUNDLE).spec.explainers["sagen"]

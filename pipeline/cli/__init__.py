@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+import yaml
 from rich.console import Console
 
 app = typer.Typer(help="Counterfactual and saliency explanations for radiograph classifiers, inside the PACS.",
@@ -102,6 +103,8 @@ def train_adopt_command(
     bundle: Path = typer.Option(..., help="bundle that receives the networks (its classifier is explained)"),
     networks_from: Path = typer.Option(..., "--from", help="bundle with the trained networks (same input)"),
     data: Path = typer.Option(..., help="folder with manifest.csv: the re-validation's val and test splits"),
+    parameter: list[str] = typer.Option([], help="NAME=VALUE: change an explainer parameter (repeatable), "
+                                                 "e.g. outside_lungs=4"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
     """Reuse another bundle's classifier-independent networks, re-validated against this bundle's classifier."""
@@ -110,7 +113,14 @@ def train_adopt_command(
     from pipeline.training.explainers import adopt_explainer
 
     try:
-        result = adopt_explainer(method, bundle=bundle, source=networks_from, data=data, device=device)
+        changed = {}
+        for item in parameter:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise ValueError(f"--parameter wants NAME=VALUE, got {item!r}")
+            changed[name.strip()] = yaml.safe_load(value)
+        result = adopt_explainer(method, bundle=bundle, source=networks_from, data=data, parameters=changed,
+                                 device=device)
     except (KeyError, BundleError, DatasetError, ValueError) as exc:
         console.print(f"[red]cannot adopt {method}:[/] {exc}")
         raise typer.Exit(2)

@@ -148,8 +148,8 @@ def train_explainer_bundle(method: str, *, bundle: Path, data: Path, settings: T
 ADOPTED_VALIDATION_IMAGES = 128
 
 
-def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path, device: str = "cpu",
-                    batch_size: int = 32) -> Bundle:
+def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path,
+                    parameters: dict[str, Any] | None = None, device: str = "cpu", batch_size: int = 32) -> Bundle:
     """Give ``bundle`` the trained networks of ``method`` from ``source`` (another bundle
     with the same input), re-validated against ``bundle``'s own classifier.
 
@@ -159,7 +159,8 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path, devi
     repeat hours of CPU. What does depend on the classifier, the explainer's flips and
     changes, is measured again on ``data``'s validation subset and test split and
     replaces the source's figures; the training record keeps the source's training and
-    says where the networks came from (``networks_from``).
+    says where the networks came from (``networks_from``). ``parameters`` change the
+    explainer's stored parameters (e.g. ``outside_lungs``) before it is re-validated.
 
     Raises KeyError for an unknown method, ValueError for a method whose training reads
     the classifier, ``BundleError`` when the source lacks the method or its input
@@ -178,10 +179,17 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path, devi
         raise BundleError(f"{source}'s input {origin.spec.input.model_dump()} differs from {bundle}'s "
                           f"{target.spec.input.model_dump()}: its {method} networks do not fit")
     original = origin.spec.explainers[method]
+    parameters = dict(parameters or {})
+    from explainers.base import explainer_class
+
+    unknown = sorted(set(parameters) - explainer_class(method).parameter_names())
+    if unknown:
+        raise ValueError(f"{method} has no parameter {', '.join(unknown)}; it has "
+                         f"{', '.join(sorted(explainer_class(method).parameter_names()))}")
     # Re-validate with the explainer built exactly as the engine builds it, from the source.
     from pipeline.engine import build_explainer
 
-    explainer = build_explainer(method, origin, {"threshold": target.spec.task.threshold})
+    explainer = build_explainer(method, origin, {"threshold": target.spec.task.threshold, **parameters})
     classifier = target.load_classifier(device=device)
     splits = training_splits(target, data, max_images=None, seed=int(original.training.get("seed", 0)))
     val = seeded_subset(splits["val"], ADOPTED_VALIDATION_IMAGES, int(original.training.get("seed", 0)))
@@ -191,7 +199,7 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path, devi
                for part, ref in original.weights.items()}
     section = ExplainerSpec(
         classifier_sha256=target.spec.classifier.weights.sha256,
-        parameters=original.parameters,
+        parameters={**original.parameters, **parameters},
         weights=weights,
         training={
             **original.training,
@@ -200,6 +208,7 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path, devi
                               "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                               "why": "the networks never see the classifier while training "
                                      f"({TRAINERS[method].__name__}.needs_classifier is False)",
+                              "changed_parameters": parameters,
                               "original_validation": original.training.get("validation"),
                               "original_test": original.training.get("test"),
                               "wall_time_s": round(time.perf_counter() - started, 1)},
