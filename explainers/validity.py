@@ -58,12 +58,21 @@ def counterfactual_checks(probability: torch.Tensor, counterfactual_probability:
 _NOT_AVERAGED = ("flipped", "counterfactual_probability")
 
 
+#: Smallest image side on which lung fields are looked for (``explainers.lesions``).
+MIN_LUNG_FIELD_SIDE = 64
+
+
 def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tensor, *, batch_size: int = 32,
                        device: str = "cpu", ssim: bool = True,
                        on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Run ``explainer.explain`` over ``images`` (N, C, H, W), uint8 (x 255) or float in
     [0, 1], in batches of ``batch_size`` on ``device``, and summarise:
 
+    - ``lung_share`` (also ``lung_share_called_positive``: the positive -> negative
+      direction) and ``border_share``: the share of |counterfactual - input| inside the
+      lung fields and inside the outer 10 % band (``explainers.evaluation.change_location``),
+      next to ``lung_area`` and ``border_area``, the shares a uniform change would score
+      (lung figures NaN for images under ``MIN_LUNG_FIELD_SIDE`` pixels: not radiographs);
     - ``flip_rate``, and per class the classifier called ``flip_rate_called_positive`` /
       ``flip_rate_called_negative`` (NaN where it called none of that class);
     - ``probability_change`` (mean, towards the other class), ``proximity_l1`` and,
@@ -80,7 +89,10 @@ def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tens
     from explainers.evaluation import proximity_ssim  # torchmetrics' SSIM: only when asked for
 
     classifier = classifier.to(device)
-    rows: dict[str, list[float]] = {"flipped": [], "called": [], "change": [], "ssim": []}
+    from explainers.evaluation import border_band_mask, change_location
+    from explainers.lesions import lung_field_masks
+
+    rows: dict[str, list[float]] = {"flipped": [], "called": [], "change": [], "ssim": [], "lungs": [], "border": []}
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
         x = as_float(images[start:start + batch_size]).to(device)
@@ -92,6 +104,15 @@ def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tens
                                              explainer.threshold).tolist()
         if ssim:
             rows["ssim"] += proximity_ssim(x, e.counterfactuals[:, -1]).tolist()
+        regions = {"border": border_band_mask(tuple(x.shape[-2:]))}
+        if min(x.shape[-2:]) >= MIN_LUNG_FIELD_SIDE:
+            regions["lungs"] = lung_field_masks(x, side=x.shape[-1])[:, 0].bool()
+        location = change_location(x, e.counterfactuals[:, -1], regions)
+        rows["lungs"] += location["lungs_share"].tolist() if "lungs" in regions else [float("nan")] * len(x)
+        rows["border"] += location["border_share"].tolist()
+        rows.setdefault("lung_area", []).extend(location["lungs_area"].tolist() if "lungs" in regions
+                                                else [float("nan")] * len(x))
+        rows.setdefault("border_area", []).extend(location["border_area"].tolist())
         for check in e.checks:
             for key, value in check.items():
                 if key not in _NOT_AVERAGED and isinstance(value, (bool, int, float)):
@@ -105,12 +126,18 @@ def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tens
     def mean(values: torch.Tensor) -> float:
         return float(values.mean()) if len(values) else float("nan")
 
+    def located(values: torch.Tensor) -> float:  # images left unchanged have no location (NaN)
+        return float(values.nanmean()) if len(values) and not values.isnan().all() else float("nan")
+
     out = {"flip_rate": mean(t["flipped"]),
            "flip_rate_called_positive": mean(t["flipped"][positive]),
            "flip_rate_called_negative": mean(t["flipped"][~positive]),
            "probability_change": mean(t["change"])}
     if ssim:
         out["proximity_ssim"] = mean(t["ssim"])
-    out.update({k: mean(v) for k, v in t.items() if k not in ("flipped", "called", "change", "ssim")})
+    out.update({"lung_share": located(t["lungs"]), "lung_share_called_positive": located(t["lungs"][positive]),
+                "border_share": located(t["border"])})
+    out.update({k: mean(v) for k, v in t.items() if k not in ("flipped", "called", "change", "ssim", "lungs",
+                                                              "border")})
     out.update({"ms_per_image": 1000.0 * seconds / len(images), "n": float(len(images))})
     return out

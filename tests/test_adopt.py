@@ -58,6 +58,7 @@ def test_adopted_networks_are_bound_to_the_new_classifier_and_revalidated(tmp_pa
     # The figures are the new classifier's, on the data given (its 16 test images).
     assert spec.training["test"]["n"] == 16 and spec.training["test"] != original.training["test"]
     assert 0.0 <= spec.training["test"]["flip_rate"] <= 1.0
+    assert 0.0 <= spec.training["test"]["lung_share"] <= 1.0 and 0.0 <= spec.training["test"]["border_share"] <= 1.0
     assert (target / "gvr_training_log.csv").is_file()
 
     assert explainer_class("gvr").from_bundle(bundle).budget.steps == 40  # what the bundle now runs

@@ -10,6 +10,7 @@ temporary copy of the demo bundle: the repository's bundle is never modified).
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import torch
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
 from explainers.cia import CiaExplainer, Inpainter, hole_l1, probe_masks, random_masks, total_variation
+from explainers.evaluation import border_band_mask
 from explainers.train_cia import CiaTrainer, CiaTrainingConfig, evaluate_inpainters
 from explainers.training import fit
 from explainers.validity import evaluate_explainer
@@ -246,6 +248,10 @@ def test_evaluation_counts_both_called_classes():
     assert metrics["flip_rate_called_positive"] == 1.0 and metrics["flip_rate_called_negative"] == 1.0
     assert 0 < metrics["proximity_l1"] < 0.2 and 0 < metrics["proximity_ssim"] <= 1
     assert metrics["steps_used"] > 0 and metrics["ms_per_image"] > 0 and 0 < metrics["mask_area"] < 1
+    # The change is at the box, in the middle: little of it in the outer 10 % band.
+    assert metrics["border_area"] == pytest.approx(float(border_band_mask((32, 32)).float().mean()))
+    assert 0 <= metrics["border_share"] < metrics["border_area"] / 2
+    assert math.isnan(metrics["lung_share"])  # 32 px boxes are no radiographs: no lung fields
 
 
 # -- the command line and the bundle -------------------------------------------------
