@@ -27,7 +27,7 @@ from dicom_io.preprocess import Preprocessor
 from explainers import evaluation as ev
 from explainers.base import available, explainer_class
 from explainers.bundle import Bundle, BundleError
-from explainers.lesions import lung_fields
+from explainers.lesions import lung_field_masks
 from pipeline.training.datasets import DatasetError, read_images, read_manifest
 
 SHARED_DATA = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -368,11 +368,11 @@ def score_counterfactuals(classifier, cases: Cases, probability: torch.Tensor, c
 
 def score_change_location(images: torch.Tensor, cf: torch.Tensor, target: torch.Tensor,
                           arrays: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Share of |counterfactual - input| inside the lung fields (``explainers.lesions.lung_fields``
-    of each input) and inside the outer 10 % border band, next to their area shares; the
-    lung share also for the counterfactuals towards the negative class (target 0) alone."""
-    lungs = torch.from_numpy(np.stack([lung_fields(image) for image in
-                                       (images[:, 0].float() * 255).round().clamp(0, 255).byte().numpy()]))
+    """Share of |counterfactual - input| inside the lung fields (``explainers.lesions.lung_field_masks``
+    of each input, as ``explainers.validity.evaluate_explainer`` finds them) and inside the
+    outer 10 % border band, next to their area shares; the lung share also for the
+    counterfactuals towards the negative class (target 0) alone."""
+    lungs = lung_field_masks(images, side=images.shape[-1])[:, 0].bool()
     border = ev.border_band_mask(tuple(images.shape[-2:]), 0.1)
     where = ev.change_location(images, cf, {"lung": lungs, "border": border})
     arrays.update(where)
