@@ -72,7 +72,7 @@ def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tens
       direction) and ``border_share``: the share of |counterfactual - input| inside the
       lung fields and inside the outer 10 % band (``explainers.evaluation.change_location``),
       next to ``lung_area`` and ``border_area``, the shares a uniform change would score
-      (lung figures NaN for images under ``MIN_LUNG_FIELD_SIDE`` pixels: not radiographs);
+      (no lung figures for images under ``MIN_LUNG_FIELD_SIDE`` pixels: not radiographs);
     - ``flip_rate``, and per class the classifier called ``flip_rate_called_positive`` /
       ``flip_rate_called_negative`` (NaN where it called none of that class);
     - ``probability_change`` (mean, towards the other class), ``proximity_l1`` and,
@@ -108,10 +108,10 @@ def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tens
         if min(x.shape[-2:]) >= MIN_LUNG_FIELD_SIDE:
             regions["lungs"] = lung_field_masks(x, side=x.shape[-1])[:, 0].bool()
         location = change_location(x, e.counterfactuals[:, -1], regions)
-        rows["lungs"] += location["lungs_share"].tolist() if "lungs" in regions else [float("nan")] * len(x)
+        if "lungs" in regions:
+            rows["lungs"] += location["lungs_share"].tolist()
+            rows.setdefault("lung_area", []).extend(location["lungs_area"].tolist())
         rows["border"] += location["border_share"].tolist()
-        rows.setdefault("lung_area", []).extend(location["lungs_area"].tolist() if "lungs" in regions
-                                                else [float("nan")] * len(x))
         rows.setdefault("border_area", []).extend(location["border_area"].tolist())
         for check in e.checks:
             for key, value in check.items():
@@ -135,8 +135,9 @@ def evaluate_explainer(explainer: Any, classifier: nn.Module, images: torch.Tens
            "probability_change": mean(t["change"])}
     if ssim:
         out["proximity_ssim"] = mean(t["ssim"])
-    out.update({"lung_share": located(t["lungs"]), "lung_share_called_positive": located(t["lungs"][positive]),
-                "border_share": located(t["border"])})
+    out["border_share"] = located(t["border"])
+    if len(t["lungs"]):
+        out.update({"lung_share": located(t["lungs"]), "lung_share_called_positive": located(t["lungs"][positive])})
     out.update({k: mean(v) for k, v in t.items() if k not in ("flipped", "called", "change", "ssim", "lungs",
                                                               "border")})
     out.update({"ms_per_image": 1000.0 * seconds / len(images), "n": float(len(images))})
