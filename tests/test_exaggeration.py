@@ -135,7 +135,9 @@ def train_exaggeration(generator, classifier, train, val, config, directory):
 def _tiny_config(epochs: int) -> ExaggerationTrainingConfig:
     return ExaggerationTrainingConfig(epochs=epochs, batch_size=8, learning_rate=3e-3,
                                       discriminator_learning_rate=1e-3, threshold=0.5, translate=1.0, rotate=0.05,
-                                      scale=0.02, weights=ExaggerationLossWeights(adversarial=0.05))
+                                      scale=0.02,
+                                      # box images are no radiographs: no lung fields to weight by
+                                      weights=ExaggerationLossWeights(adversarial=0.05, outside_lungs=0.0))
 
 
 def test_a_tiny_generator_learns_to_follow_the_requested_posterior(tmp_path):
