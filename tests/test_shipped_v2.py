@@ -1,0 +1,50 @@
+"""The five generative methods shipped in bundles/demo-pneumonia-v2, bound to the
+shortcut-robust classifier v2 (issue 15): on a seeded sample of shared test images
+they flip the decision in both directions and put their change where the lungs are,
+at the bars measured on all 624 test images (bundle.yaml ``training.test``) less a
+margin for the sample and other CPUs' rounding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explainers.base import explainer_class
+from explainers.bundle import Bundle
+from explainers.evaluation import border_band_mask, change_location
+from explainers.lesions import lung_field_masks
+from tests.conftest import PROJECT_ROOT
+from tests.generator_helpers import sampled_test_images
+
+V2_BUNDLE = PROJECT_ROOT / "bundles" / "demo-pneumonia-v2"
+
+# method: (images in the sample, lowest flip rate per called class, lowest lung share of the change)
+BARS = {
+    "sagen": (64, 0.85, 0.55),  # 624 images: 0.964 / 0.937 flipped, lung share 0.700
+}
+
+
+@pytest.fixture(scope="module")
+def v2():
+    bundle = Bundle.load(V2_BUNDLE)
+    return bundle, bundle.load_classifier()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(BARS))
+def test_shipped_v2_methods_flip_both_ways_and_change_the_lungs(method, v2, kermany_dir):
+    bundle, classifier = v2
+    spec = bundle.spec.explainers[method]
+    assert spec.classifier_sha256 == bundle.spec.classifier.weights.sha256  # bound to v2, not v1
+    n, flip_bar, lung_bar = BARS[method]
+    images = sampled_test_images(kermany_dir, n)
+    e = explainer_class(method).from_bundle(bundle).explain(images, classifier)
+    flipped = torch.tensor([c["flipped"] for c in e.checks])
+    positive = e.probability >= bundle.spec.task.threshold
+    for called, name in ((positive, "PNEUMONIA"), (~positive, "NORMAL")):
+        rate = float(flipped[called].float().mean())
+        assert rate >= flip_bar, f"{method}: {rate:.3f} of {int(called.sum())} cases called {name} flipped"
+    where = change_location(images, e.counterfactuals[:, -1],
+                            {"lungs": lung_field_masks(images, side=128)[:, 0].bool(),
+                             "border": border_band_mask((128, 128))})
+    lung_share = float(where["lungs_share"].nanmean())
+    assert lung_share >= lung_bar, f"{method}: {lung_share:.3f} of the change in the lung fields"
