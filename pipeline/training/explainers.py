@@ -22,9 +22,11 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dicom_io.preprocess import Preprocessor
+from explainers.base import explainer_class
 from explainers.bundle import Bundle, BundleError, ExplainerSpec, save_weights
 from explainers.training import Trainer, TrainingSettings, bundle_trainers, fit
 from explainers.validity import evaluate_explainer
+from pipeline.engine import build_explainer
 from pipeline.training.datasets import Split, load_splits
 
 #: Every trainable explainer, by method id: its trainer declaration.
@@ -180,15 +182,11 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path,
                           f"{target.spec.input.model_dump()}: its {method} networks do not fit")
     original = origin.spec.explainers[method]
     parameters = dict(parameters or {})
-    from explainers.base import explainer_class
-
     unknown = sorted(set(parameters) - explainer_class(method).parameter_names())
     if unknown:
         raise ValueError(f"{method} has no parameter {', '.join(unknown)}; it has "
                          f"{', '.join(sorted(explainer_class(method).parameter_names()))}")
     # Re-validate with the explainer built exactly as the engine builds it, from the source.
-    from pipeline.engine import build_explainer
-
     explainer = build_explainer(method, origin, {"threshold": target.spec.task.threshold, **parameters})
     classifier = target.load_classifier(device=device)
     splits = training_splits(target, data, max_images=None, seed=int(original.training.get("seed", 0)))
