@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 
 import numpy as np
 import pytest
@@ -112,6 +113,33 @@ def test_make_lesions_writes_a_kermany_layout_that_load_splits_reads(kermany_dir
     assert (tmp_path / "again" / "manifest.csv").read_text() == (out / "manifest.csv").read_text()
     splits = load_splits(out, Preprocessor((64, 64)), seed=0)
     assert sum(len(s.labels) for s in splits.values()) == 28
+
+
+def test_make_lesions_paired_writes_each_image_untouched_and_with_a_lesion(kermany_dir, tmp_path):
+    source = kermany_subset(kermany_dir, tmp_path / "src", {"train": 12, "test": 6})
+    out = tmp_path / "paired"
+    result = CliRunner().invoke(app, ["make-lesions", "--data", str(source), "--out", str(out), "--paired"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 2 * (6 + 3)
+    by_source: dict[str, dict[str, dict[str, str]]] = {}
+    for r in rows:
+        by_source.setdefault(r["source_path"], {})[r["label"]] = r
+    assert len(by_source) == 9
+    for pair in by_source.values():
+        assert set(pair) == {"0", "1"}
+        normal, lesion = pair["0"], pair["1"]
+        # Same patient and split: a pair never straddles the validation carve or two splits.
+        assert (normal["split"], normal["source_patient_token"]) == (lesion["split"], lesion["source_patient_token"])
+        difference = np.asarray(Image.open(out / normal["path"])) != np.asarray(Image.open(out / lesion["path"]))
+        assert np.array_equal(difference, np.asarray(Image.open(out / lesion["mask"])) > 0)
+    # The lesion is the one the split design would draw for the same image and seed.
+    single = tmp_path / "single"
+    assert CliRunner().invoke(app, ["make-lesions", "--data", str(source), "--out", str(single)]).exit_code == 0
+    for r in csv.DictReader(open(single / "manifest.csv")):
+        if r["label"] == "1":
+            assert hashlib.sha1((single / r["path"]).read_bytes()).hexdigest() == \
+                by_source[r["source_path"]]["1"]["sha1"]
 
 
 def test_make_lesions_reports_a_missing_manifest(tmp_path):

@@ -19,6 +19,8 @@ def make_lesions_command(
     out: Path = typer.Option(..., help="folder to write (PNG images, masks/, manifest.csv)"),
     seed: int = typer.Option(0, help="seed of the lesion draws and of which images get one"),
     positive_fraction: float = typer.Option(0.5, help="fraction of NORMAL images per split that get a lesion"),
+    paired: bool = typer.Option(False, help="each NORMAL image twice: untouched and with a lesion (the pair differs "
+                                            "only by the lesion; --positive-fraction is then ignored)"),
     limit: int = typer.Option(None, help="use at most N NORMAL images per split (smoke tests)"),
 ) -> None:
     """Insert synthetic lesions of known mask into real NORMAL radiographs."""
@@ -32,6 +34,7 @@ def make_lesions_command(
                       console=console) as progress:
             bar = progress.add_task("inserting lesions", total=total)
             result = make_lesion_dataset(data, out, seed=seed, positive_fraction=positive_fraction, limit=limit,
+                                         paired=paired,
                                          on_image=lambda: progress.advance(bar))
     except (DatasetError, LesionError, ValueError, OSError) as exc:
         console.print(f"[red]cannot make the lesion data set:[/] {exc}")

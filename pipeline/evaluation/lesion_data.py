@@ -1,9 +1,19 @@
 """`medxplain make-lesions`: the NORMAL images of a Kermany-layout folder -> a lesion
 data set in the same layout (PNG images, manifest.csv) plus exact lesion masks.
 
-Per split, each NORMAL image appears once: with an inserted lesion (label 1) or
-untouched (label 0), half and half by a seeded permutation. Patient tokens are kept,
-so pipeline.training.datasets.load_splits carves validation by patient as for Kermany.
+Two designs (``paired``):
+
+- split (default): per split, each NORMAL image appears once, with an inserted lesion
+  (label 1) or untouched (label 0), ``positive_fraction`` of them with one, by a
+  seeded permutation;
+- paired: each NORMAL image appears twice, untouched (label 0) and with a lesion
+  (label 1). The two differ only by the lesion, so anatomy, exposure and burned-in
+  labels carry no information about the class: a classifier can only learn the
+  lesion, from twice as many images.
+
+Patient tokens are kept (both images of a pair share one), so
+pipeline.training.datasets.load_splits carves validation by patient as for Kermany
+and a pair never straddles two splits.
 """
 from __future__ import annotations
 
@@ -36,9 +46,12 @@ def _sha1(path: Path) -> str:
 
 
 def make_lesion_dataset(source: Path, out: Path, *, seed: int = 0, positive_fraction: float = 0.5,
-                        limit: int | None = None,
+                        limit: int | None = None, paired: bool = False,
                         on_image: Callable[[], None] | None = None) -> LesionDataset:
-    """Write the data set; ``limit`` keeps the first N NORMAL images per split (tests)."""
+    """Write the data set (module docstring: the two designs; ``positive_fraction`` is
+    ignored when ``paired``); ``limit`` keeps the first N NORMAL images per split (tests).
+    Raises DatasetError without NORMAL rows, ValueError for a fraction outside (0, 1),
+    explainers.lesions.LesionError for an image that cannot take a lesion."""
     if not 0 < positive_fraction < 1:
         raise ValueError(f"positive_fraction must be in (0, 1), got {positive_fraction}")
     rows = [r for r in read_manifest(source) if r.get("class_name", "") == NEGATIVE or
@@ -56,24 +69,9 @@ def make_lesion_dataset(source: Path, out: Path, *, seed: int = 0, positive_frac
         for i, row in enumerate(split_rows):
             with Image.open(source / row["path"]) as img:
                 image = np.asarray(img.convert("L"), dtype=np.uint8)
-            stem = Path(row["path"]).stem
-            record = {"split": split, "source_patient_token": row.get("source_patient_token", ""),
-                      "source_path": row["path"], "mask": "", "lesion_kind": "", "lesion_area": "0"}
-            if i in positive:
-                lesion = random_lesion(image, seed=seed, key=row["path"])
-                image = lesion.image
-                mask_rel = f"masks/{split}/{stem}.png"
-                (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(lesion.mask.astype(np.uint8) * 255).save(out / mask_rel)
-                record.update(label="1", class_name=POSITIVE, mask=mask_rel, lesion_kind=lesion.spec.kind,
-                              lesion_area=str(int(lesion.mask.sum())))
-            else:
-                record.update(label="0", class_name=NEGATIVE)
-            rel = f"{split}/{record['class_name']}/{stem}.png"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(out / rel)
-            record.update(path=rel, sha1=_sha1(out / rel))
-            written.append(record)
+            versions = (False, True) if paired else (i in positive,)
+            for with_lesion in versions:
+                written.append(_write_image(out, split, row, image, with_lesion, seed))
             if on_image:
                 on_image()
     with open(out / "manifest.csv", "w", newline="") as handle:
@@ -84,6 +82,29 @@ def make_lesion_dataset(source: Path, out: Path, *, seed: int = 0, positive_frac
     for (split, name), n in Counter((r["split"], r["class_name"]) for r in written).items():
         counts.setdefault(split, {})[name] = n
     return LesionDataset(out, counts)
+
+
+def _write_image(out: Path, split: str, row: dict[str, str], image: np.ndarray, with_lesion: bool,
+                 seed: int) -> dict[str, str]:
+    """Write one image of the data set (with a lesion and its mask, or untouched); its manifest row."""
+    stem = Path(row["path"]).stem
+    record = {"split": split, "source_patient_token": row.get("source_patient_token", ""),
+              "source_path": row["path"], "mask": "", "lesion_kind": "", "lesion_area": "0"}
+    if with_lesion:
+        lesion = random_lesion(image, seed=seed, key=row["path"])
+        image = lesion.image
+        mask_rel = f"masks/{split}/{stem}.png"
+        (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lesion.mask.astype(np.uint8) * 255).save(out / mask_rel)
+        record.update(label="1", class_name=POSITIVE, mask=mask_rel, lesion_kind=lesion.spec.kind,
+                      lesion_area=str(int(lesion.mask.sum())))
+    else:
+        record.update(label="0", class_name=NEGATIVE)
+    rel = f"{split}/{record['class_name']}/{stem}.png"
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out / rel)
+    record.update(path=rel, sha1=_sha1(out / rel))
+    return record
 
 
 def count_normal(source: Path) -> int:
