@@ -50,7 +50,6 @@ Design details:
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -184,7 +183,8 @@ class CiaExplainer(Explainer):
         >= 0, ``mask_size`` >= 2 (side of the mask's logit grid), ``initial_mask`` in
         (0, 1). ``outside_lungs`` >= 0: the area term counts mask outside the lung fields
         1 + this times (``explainers.lesions.outside_lung_weights``; 0: the paper's plain
-        mean area). Raises ValueError for values out of these ranges.
+        mean area), and the mask starts there at ``initial_mask`` / (1 + this), so every
+        cell starts at the same area cost. Raises ValueError for values out of these ranges.
         """
         if int(steps) < 1:
             raise ValueError(f"cia steps must be >= 1, got {steps}")
@@ -257,8 +257,11 @@ class CiaExplainer(Explainer):
             reached = torch.where(wanted[index] > 0, z >= self.margin, z <= -self.margin)
             return loss, reached.detach()
 
-        start = math.log(self.initial_mask / (1.0 - self.initial_mask))
-        initial = torch.full((batch, 1, self.mask_size, self.mask_size), start, device=device)
+        # Every cell starts at the same area cost: initial_mask inside the lungs, less outside
+        # them when outside_lungs > 0 (a mask of 0.1 everywhere would otherwise leak a tenth of
+        # the fill into borders and markers that the search has no gradient to take back).
+        start = (self.initial_mask / area_cost).clamp(1e-4, 1.0 - 1e-4)
+        initial = torch.log(start / (1.0 - start))
         # Gradients for the mask only: the classifier's parameters get none (frozen).
         with torch.enable_grad(), frozen(classifier):
             result = per_image_adam(initial, loss_fn, self.budget)

@@ -101,3 +101,31 @@ def test_the_searches_move_their_change_into_the_lungs_when_outside_costs_more(m
     # classification term alone (the change, and so the similarity term's gradient, starts at
     # zero), and the same weighting moved its lung share only from 0.454 to 0.461 here.
     assert weighted > plain + 0.05, f"{method}: lung share {plain:.3f} -> {weighted:.3f}"
+
+
+def test_cia_mask_starts_at_one_area_cost_per_cell(kermany_dir):
+    """With outside_lungs = w the mask starts at initial_mask inside the lung fields and at
+    initial_mask / (1 + w) outside them, so the start leaks little fill into borders and
+    markers; w = 0 is the paper's uniform start."""
+    import torch.nn.functional as F
+
+    from explainers.base import explainer_class
+    from explainers.bundle import Bundle
+    from explainers.lesions import outside_lung_weights
+    from tests.generator_helpers import DEMO_BUNDLE, sampled_test_images
+
+    bundle = Bundle.load(DEMO_BUNDLE)
+    classifier = bundle.load_classifier()
+    images = sampled_test_images(kermany_dir, 2)
+    grid = (16, 16)
+    for weight in (0.0, 4.0):
+        explanation = explainer_class("cia").from_bundle(bundle, outside_lungs=weight, search_steps=0,
+                                                         initial_mask=0.1).explain(images, classifier)
+        # With no search step the saliency is the starting mask (normalised to a peak of 1).
+        start = F.interpolate(0.1 / outside_lung_weights(images, weight, grid), size=images.shape[-2:],
+                              mode="bilinear", align_corners=False)[:, 0]
+        expected = start / start.flatten(1).amax(1)[:, None, None]
+        assert torch.allclose(explanation.saliency, expected, atol=1e-4), weight
+        assert all(c["steps_used"] == 0 for c in explanation.checks)
+    # The weighted start really is lower outside the lungs (not uniform).
+    assert float(expected.amin()) < 0.5
