@@ -176,7 +176,7 @@ class TrustConfig(_Strict):
 
 
 class MedxplainConfig(_Strict):
-    bundle: Path = Field(Path("bundles/demo-pneumonia"),
+    bundle: Path = Field(Path("bundles/demo-pneumonia-v2"),
                          description="model bundle folder (relative paths are from the project root)")
     explainers: list[str] = Field(["gradcam", "ig", "occlusion"], min_length=1,
                                   description="methods to run, by registry name, in this order")

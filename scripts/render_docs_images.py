@@ -4,7 +4,7 @@ has weights for), and the counterfactual SC path of progressive exaggeration.
 Pixels are read back from the written DICOM objects, so the PNGs are exactly what a
 PACS viewer displays.
 
-    .venv/bin/python scripts/render_docs_images.py [--bundle bundles/demo-pneumonia]
+    .venv/bin/python scripts/render_docs_images.py [--bundle bundles/demo-pneumonia-v2]
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def to_display(ds: pydicom.Dataset) -> np.ndarray:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "demo-pneumonia")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "demo-pneumonia-v2")
     args = parser.parse_args()
     source_path = SHARED / "dicom" / "siim_cr_chest_jpeg_baseline.dcm"
     OUT.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from pipeline.pacs.jobqueue import JobQueue
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MEDXPLAIN = PROJECT_ROOT / ".venv" / "bin" / "medxplain"
 # The bundle the worker uses in these tests (another one can be given for a quick run).
-TEST_BUNDLE = Path(os.environ.get("MEDXPLAIN_TEST_BUNDLE", PROJECT_ROOT / "bundles" / "demo-pneumonia"))
+TEST_BUNDLE = Path(os.environ.get("MEDXPLAIN_TEST_BUNDLE", PROJECT_ROOT / "bundles" / "demo-pneumonia-v2"))
 
 
 def require_orthanc() -> None:

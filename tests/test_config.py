@@ -37,7 +37,7 @@ def test_shipped_defaults_load_and_validate():
     assert cfg.outputs.overlay and cfg.outputs.report
     assert cfg.outputs.segmentation_top_fraction == 0.05
     assert cfg.trusted_torchscript == []
-    assert cfg.bundle_path() == PROJECT_ROOT / "bundles" / "demo-pneumonia"
+    assert cfg.bundle_path() == PROJECT_ROOT / "bundles" / "demo-pneumonia-v2"
 
 
 def test_every_shipped_option_matches_the_schema_default_where_one_exists():

@@ -370,7 +370,7 @@ def test_worker_left_by_a_killed_orthanc_is_stopped(servers):
 
 def require_bundle() -> None:
     if not (TEST_BUNDLE / "bundle.yaml").exists():
-        pytest.skip(f"no model bundle at {TEST_BUNDLE} (build bundles/demo-pneumonia, or set MEDXPLAIN_TEST_BUNDLE)")
+        pytest.skip(f"no model bundle at {TEST_BUNDLE} (build bundles/demo-pneumonia-v2, or set MEDXPLAIN_TEST_BUNDLE)")
 
 
 @pytest.fixture(scope="module")

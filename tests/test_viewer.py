@@ -69,7 +69,7 @@ def explained(tmp_path_factory, shared_dicom_files):
 
     cases = sorted((SHARED_DATA / "dicom-cases").glob("*.dcm"))
     engine = Engine(load_config(overrides={
-        "bundle": str(PROJECT_ROOT / "bundles" / "demo-pneumonia"), "device": "cpu",
+        "bundle": str(PROJECT_ROOT / "bundles" / "demo-pneumonia-v2"), "device": "cpu",
         "explainers": list(EXPLAINERS), "batch_size": 1,
         # as `medxplain explain` does: an image outside the bundle's domain (the adult SIIM
         # radiograph for the paediatric demo model) is explained with a visible warning
