@@ -56,8 +56,11 @@ def main() -> int:
     args = parser.parse_args()
     source_path = SHARED / "dicom" / "siim_cr_chest_jpeg_baseline.dcm"
     OUT.mkdir(parents=True, exist_ok=True)
+    # As `medxplain explain` does: an image the domain guard rejects (the adult SIIM
+    # radiograph for the paediatric demo model) is explained with a visible warning.
     engine = Engine(load_config(overrides={"bundle": args.bundle, "device": "cpu",
-                                           "explainers": ["gradcam", "ig", "occlusion"]}))
+                                           "explainers": ["gradcam", "ig", "occlusion"],
+                                           "trust": {"out_of_domain": "warn"}}))
     with tempfile.TemporaryDirectory() as tmp:
         # A Kermany test radiograph (pneumonia), wrapped as CR the way `make demo` does it.
         kermany = SHARED / "kermany-cxr224" / "test" / "PNEUMONIA" / "person100_bacteria_475.jpeg"
