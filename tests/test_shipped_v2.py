@@ -1,4 +1,4 @@
-"""The five generative methods shipped in bundles/demo-pneumonia-v2, bound to the
+"""The generative methods shipped in bundles/demo-pneumonia-v2, bound to the
 shortcut-robust classifier v2 (issue 15): on a seeded sample of shared test images
 they flip the decision in both directions and put their change where the lungs are,
 at the bars measured on all 624 test images (bundle.yaml ``training.test``) less a
