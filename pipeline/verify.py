@@ -7,6 +7,13 @@ back through the product's own DICOM input path (dicom_io.reader), mapped to mod
 with the bundle's preprocessing, and classified. It agrees when the probability is
 within ``tolerance`` of the SR's and the decision flip (against the SR's classifier
 probability and threshold) is the same as the SR's "Counterfactual decision flipped".
+
+The SR's Algorithm Parameters name the bundle that made it ("bundle=<name> <version>
+sha256=<hex>"); a claim made with a bundle of another name or version than the one
+given is not re-classified (another classifier would disagree for no fault of the
+files): its reason says which bundle to verify with. The same name and version with
+another sha256 is still verified: bundle.yaml changes when an explainer is added,
+the classifier does not.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from explainers.bundle import Bundle
 
 MEASUREMENT_GROUP = "125007"  # DCM "Measurement Group"
 ALGORITHM_NAME = "111001"  # DCM "Algorithm Name"
+ALGORITHM_PARAMETERS = "111002"  # DCM "Algorithm Parameters"
 
 
 class VerifyError(Exception):
@@ -40,6 +48,7 @@ class CounterfactualCheck:
     sr_flipped: bool | None
     reclassified: float | None  # the classifier on the SC as read back
     reason: str | None = None  # why it could not be re-classified
+    bundle: str | None = None  # "<name> <version> sha256=<hex>" from the SR's parameters
 
     @property
     def flipped(self) -> bool | None:
@@ -81,6 +90,9 @@ def counterfactual_claims(report: pydicom.Dataset) -> list[dict]:
                 if i.get("ValueType") == "IMAGE"]
         flip = items.get(("CFFLIP", "CODE"))
         name = items.get((ALGORITHM_NAME, "TEXT"))
+        # Several Algorithm Parameters items: ``items`` keeps only one, so read them all.
+        bundles = [str(i.TextValue)[len("bundle="):] for i in group.get("ContentSequence", [])
+                   if _code(i) == ALGORITHM_PARAMETERS and str(i.get("TextValue", "")).startswith("bundle=")]
         claims.append({
             "method": str(name.TextValue) if name is not None else "?",
             "probability": _number(items[("CLFPROB", "NUM")]) / 100.0,
@@ -88,6 +100,7 @@ def counterfactual_claims(report: pydicom.Dataset) -> list[dict]:
             "counterfactual_probability": _number(cf) / 100.0,
             "flipped": None if flip is None else flip.ConceptCodeSequence[0].CodeMeaning == "Yes",
             "sc_uid": refs[0] if refs else None,
+            "bundle": bundles[0] if bundles else None,
         })
     return claims
 
@@ -111,6 +124,7 @@ def verify_outputs(paths: list[Path], bundle: Bundle, *, device: str = "cpu") ->
     Raises VerifyError when there is no SR with a counterfactual under ``paths``.
     """
     files = _dicom_files(paths)
+    expected = f"{bundle.spec.name} {bundle.spec.version}"
     classifier = bundle.load_classifier(device=device)
     preprocess = Preprocessor(bundle.spec.input.size, bundle.spec.input.aspect)
     checks = []
@@ -121,9 +135,12 @@ def verify_outputs(paths: list[Path], bundle: Bundle, *, device: str = "cpu") ->
             check = CounterfactualCheck(
                 report=path, method=claim["method"], counterfactual=None, sr_probability=claim["probability"],
                 threshold=claim["threshold"], sr_counterfactual_probability=claim["counterfactual_probability"],
-                sr_flipped=claim["flipped"], reclassified=None)
+                sr_flipped=claim["flipped"], reclassified=None, bundle=claim["bundle"])
             found = files.get(claim["sc_uid"]) if claim["sc_uid"] else None
-            if found is None:
+            if claim["bundle"] and claim["bundle"].rsplit(" sha256=", 1)[0] != expected:
+                check.reason = (f"made with bundle {claim['bundle']}, not {expected}: "
+                                f"verify with that bundle (--bundle)")
+            elif found is None:
                 check.reason = f"counterfactual SC {claim['sc_uid']} is not among the files"
             else:
                 check.counterfactual = found[0]

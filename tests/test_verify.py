@@ -21,6 +21,7 @@ from pipeline.cli import app
 from pipeline.engine import Engine
 from pipeline.runner import explain_paths
 from pipeline.verify import verify_outputs
+from tests.conftest import PROJECT_ROOT
 from tests.generator_helpers import DEMO_BUNDLE
 
 METHODS = ["sagen", "exaggeration"]
@@ -58,7 +59,7 @@ def test_every_written_counterfactual_reclassifies_to_what_its_sr_says(explained
 
 def test_verify_command_says_so_and_fails_on_a_counterfactual_that_is_not_what_the_sr_claims(explained, tmp_path):
     out, _ = explained
-    result = CliRunner().invoke(app, ["verify", str(out)])
+    result = CliRunner().invoke(app, ["verify", str(out), "--bundle", str(DEMO_BUNDLE)])
     assert result.exit_code == 0, result.output
     assert "counterfactuals agree with their SR" in result.output
     # Replace one flipped full counterfactual of a Kermany input by that untouched source.
@@ -73,5 +74,19 @@ def test_verify_command_says_so_and_fails_on_a_counterfactual_that_is_not_what_t
     original = pydicom.dcmread(sources[sc.SourceImageSequence[0].ReferencedSOPInstanceUID]).pixel_array
     sc.PixelData = np.round(original.astype(np.float64) / 255.0 * 65535).astype(np.uint16).tobytes()
     sc.save_as(tampered / check.counterfactual.relative_to(out))
-    result = CliRunner().invoke(app, ["verify", str(tampered)])
+    result = CliRunner().invoke(app, ["verify", str(tampered), "--bundle", str(DEMO_BUNDLE)])
     assert result.exit_code == 1 and "NO" in result.output
+
+
+def test_verify_names_the_bundle_to_use_when_given_another_one(explained):
+    """Outputs of v1 checked against v2's classifier would disagree for no fault of the
+    files: each claim says which bundle made it instead of being re-classified."""
+    out, _ = explained
+    other = Bundle.load(PROJECT_ROOT / "bundles" / "demo-pneumonia-v2")
+    checks = verify_outputs([out], other)
+    made_with = Bundle.load(DEMO_BUNDLE).spec
+    assert checks and all(c.reclassified is None and not c.agrees(0.02) for c in checks)
+    assert all(c.reason.startswith(f"made with bundle {made_with.name} {made_with.version} sha256=")
+               and "--bundle" in c.reason for c in checks)
+    # The command (default bundle: v2) fails rather than reporting false disagreements as agreements.
+    assert CliRunner().invoke(app, ["verify", str(out)]).exit_code == 1
