@@ -48,7 +48,6 @@ class CounterfactualCheck:
     sr_flipped: bool | None
     reclassified: float | None  # the classifier on the SC as read back
     reason: str | None = None  # why it could not be re-classified
-    bundle: str | None = None  # "<name> <version> sha256=<hex>" from the SR's parameters
 
     @property
     def flipped(self) -> bool | None:
@@ -135,7 +134,7 @@ def verify_outputs(paths: list[Path], bundle: Bundle, *, device: str = "cpu") ->
             check = CounterfactualCheck(
                 report=path, method=claim["method"], counterfactual=None, sr_probability=claim["probability"],
                 threshold=claim["threshold"], sr_counterfactual_probability=claim["counterfactual_probability"],
-                sr_flipped=claim["flipped"], reclassified=None, bundle=claim["bundle"])
+                sr_flipped=claim["flipped"], reclassified=None)
             found = files.get(claim["sc_uid"]) if claim["sc_uid"] else None
             if claim["bundle"] and claim["bundle"].rsplit(" sha256=", 1)[0] != expected:
                 check.reason = (f"made with bundle {claim['bundle']}, not {expected}: "

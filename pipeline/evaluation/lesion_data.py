@@ -62,10 +62,10 @@ def make_lesion_dataset(source: Path, out: Path, *, seed: int = 0, positive_frac
     written: list[dict[str, str]] = []
     for split in sorted({r["split"] for r in rows}):
         split_rows = [r for r in rows if r["split"] == split][:limit]
-        # Which images get a lesion: a seeded permutation per split, exactly the fraction.
+        # Split design: which images get a lesion, a seeded permutation per split, exactly the fraction.
         order = np.random.default_rng([seed, int(hashlib.sha256(split.encode()).hexdigest()[:8], 16)]) \
             .permutation(len(split_rows))
-        positive = set(order[: int(round(len(split_rows) * positive_fraction))].tolist())
+        positive = set() if paired else set(order[: int(round(len(split_rows) * positive_fraction))].tolist())
         for i, row in enumerate(split_rows):
             with Image.open(source / row["path"]) as img:
                 image = np.asarray(img.convert("L"), dtype=np.uint8)
