@@ -60,7 +60,7 @@ from torch import nn
 from explainers._helpers import frozen
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
 from explainers.lesions import outside_lung_weights
-from explainers.optimise import SearchBudget, per_image_adam
+from explainers.optimise import SearchBudget, crossing_loss, per_image_adam
 from explainers.validity import counterfactual_checks
 
 # Default widths: (level 0..4, decoder output). 1.8 M parameters per inpainter.
@@ -172,13 +172,16 @@ class CiaExplainer(Explainer):
     def __init__(self, *, fill_negative: Inpainter, fill_positive: Inpainter, steps: int = 1,
                  search_steps: int = 60, learning_rate: float = 0.4, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, area_weight: float = 1.0, tv_weight: float = 3.0, mask_size: int = 16,
-                 initial_mask: float = 0.1, outside_lungs: float = 0.0, threshold: float = 0.5):
+                 initial_mask: float = 0.1, outside_lungs: float = 0.0, refine_steps: int = 0,
+                 threshold: float = 0.5):
         """Major et al. 2020 (method section: the mask objective with area and total
         variation terms), in both directions (see the module docstring).
 
         ``fill_negative`` / ``fill_positive``: the trained ``Inpainter`` of each class.
         ``steps`` >= 1: images on the path scaling the mask from 0 to m. ``search_steps``,
-        ``learning_rate``, ``tolerance``, ``patience``: the per-image Adam budget.
+        ``learning_rate``, ``tolerance``, ``patience``, ``refine_steps`` >= 0: the per-image
+        Adam budget (``explainers.optimise.SearchBudget``; ``refine_steps`` > 0 goes on
+        shrinking the mask after the decision has crossed, keeping the best crossed mask).
         ``margin`` >= 0 (logits), ``area_weight`` (lambda1) >= 0, ``tv_weight`` (lambda2)
         >= 0, ``mask_size`` >= 2 (side of the mask's logit grid), ``initial_mask`` in
         (0, 1). ``outside_lungs`` >= 0: the area term counts mask outside the lung fields
@@ -196,9 +199,10 @@ class CiaExplainer(Explainer):
             raise ValueError(f"cia margin, area_weight, tv_weight and outside_lungs must be >= 0, got {margin}, "
                              f"{area_weight}, {tv_weight}, {outside_lungs}")
         budget = SearchBudget(steps=int(search_steps), learning_rate=float(learning_rate),
-                              tolerance=float(tolerance), patience=int(patience))
+                              tolerance=float(tolerance), patience=int(patience), refine_steps=int(refine_steps))
         super().__init__(threshold=threshold, steps=int(steps), search_steps=budget.steps,
                          learning_rate=budget.learning_rate, tolerance=budget.tolerance, patience=budget.patience,
+                         refine_steps=budget.refine_steps,
                          margin=float(margin), area_weight=float(area_weight), tv_weight=float(tv_weight),
                          mask_size=int(mask_size), initial_mask=float(initial_mask),
                          outside_lungs=float(outside_lungs))
@@ -236,7 +240,6 @@ class CiaExplainer(Explainer):
             probability = torch.sigmoid(classifier(images).reshape(-1).float())
         called = probability >= self.threshold
         wanted = (~called).float()  # the class the counterfactual must reach
-        shift = self.margin * (2.0 * wanted - 1.0)
         # Per-cell cost of mask area, on the mask's grid (all ones: the paper's plain mean).
         grid = (self.mask_size, self.mask_size)
         area_cost = (outside_lung_weights(images, self.outside_lungs, grid) if self.outside_lungs
@@ -250,11 +253,10 @@ class CiaExplainer(Explainer):
             z = torch.cat([classifier(self._infill(images[j:j + 1], self._masks(logits[k:k + 1], size),
                                                    called[j:j + 1])).reshape(-1)
                            for k, j in enumerate(index.tolist())]).float() - offset
-            classification = F.binary_cross_entropy_with_logits(z - shift[index], wanted[index], reduction="none")
+            classification, reached = crossing_loss(z, wanted[index], self.margin)
             m = torch.sigmoid(logits)
             loss = (classification + self.area_weight * (m * area_cost[index]).flatten(1).mean(1)
                     + self.tv_weight * total_variation(m))
-            reached = torch.where(wanted[index] > 0, z >= self.margin, z <= -self.margin)
             return loss, reached.detach()
 
         # Every cell starts at the same area cost: initial_mask inside the lungs, less outside

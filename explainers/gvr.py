@@ -45,7 +45,8 @@ from torch import nn
 
 from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
-from explainers.optimise import SearchBudget, per_image_adam
+from explainers.lesions import outside_lung_weights
+from explainers.optimise import SearchBudget, crossing_loss, per_image_adam
 from explainers.validity import counterfactual_checks
 
 # Encoder widths per level (each halves the side) and latent channels: at 64 px an
@@ -137,16 +138,23 @@ class GvrExplainer(Explainer):
     def __init__(self, *, autoencoder: GvrAutoEncoder, mode: str = "optimise", steps: int = 5,
                  search_steps: int = 60, learning_rate: float = 0.1, tolerance: float = 1e-3, patience: int = 10,
                  margin: float = 1.0, similarity_weight: float = 2.0, max_shift: float = 3.0,
-                 smoothing_sigma: float = 4.0, threshold: float = 0.5):
+                 smoothing_sigma: float = 4.0, outside_lungs: float = 0.0, refine_steps: int = 0,
+                 threshold: float = 0.5):
         """Seah et al. 2018/2019 (methods: generative visual rationales, the latent search).
 
         ``autoencoder``: the trained ``GvrAutoEncoder``. ``mode``: "optimise" (per-image
         Adam, the paper's) or "gradient_shift" (one gradient, a grid of shifts).
         ``steps`` >= 1: images on the path z0 -> z*. ``search_steps``, ``learning_rate``,
-        ``tolerance``, ``patience``: the search budget (``explainers.optimise.SearchBudget``).
+        ``tolerance``, ``patience``, ``refine_steps`` >= 0: the search budget
+        (``explainers.optimise.SearchBudget``; ``refine_steps`` > 0 goes on lowering the
+        similarity term after the decision has crossed, keeping the best crossed point).
         ``margin`` >= 0: logits by which the counterfactual must cross the threshold.
         ``similarity_weight`` >= 0: weight of mean |D(z) - D(z0)|. ``max_shift`` > 0:
         largest gradient shift (RMS per latent element). ``smoothing_sigma`` >= 0: pixels.
+        ``outside_lungs`` >= 0: the similarity term counts change outside the input's lung
+        fields 1 + this times (``explainers.lesions.outside_lung_weights``, at the
+        autoencoder's working size; 0: the paper's plain mean). Not in the paper: without
+        it the search's cheapest route runs through borders and the heart (issue 15).
         Raises ValueError for values out of these ranges.
         """
         if mode not in MODES:
@@ -155,39 +163,45 @@ class GvrExplainer(Explainer):
             raise ValueError(f"gvr steps must be >= 1, got {steps}")
         if int(search_steps) < 1 and mode == "gradient_shift":
             raise ValueError(f"gvr gradient_shift needs search_steps >= 1, got {search_steps}")
-        if margin < 0 or similarity_weight < 0 or smoothing_sigma < 0 or max_shift <= 0:
-            raise ValueError("gvr margin, similarity_weight and smoothing_sigma must be >= 0, max_shift > 0; got "
-                             f"{margin}, {similarity_weight}, {smoothing_sigma}, {max_shift}")
+        if margin < 0 or similarity_weight < 0 or smoothing_sigma < 0 or outside_lungs < 0 or max_shift <= 0:
+            raise ValueError("gvr margin, similarity_weight, smoothing_sigma and outside_lungs must be >= 0, "
+                             f"max_shift > 0; got {margin}, {similarity_weight}, {smoothing_sigma}, {outside_lungs}, "
+                             f"{max_shift}")
         self.budget = SearchBudget(steps=int(search_steps), learning_rate=float(learning_rate),
-                                   tolerance=float(tolerance), patience=int(patience))  # validates
+                                   tolerance=float(tolerance), patience=int(patience),
+                                   refine_steps=int(refine_steps))  # validates
         super().__init__(threshold=threshold, mode=mode, steps=int(steps), search_steps=int(search_steps),
                          learning_rate=float(learning_rate), tolerance=float(tolerance), patience=int(patience),
+                         refine_steps=int(refine_steps),
                          margin=float(margin), similarity_weight=float(similarity_weight),
-                         max_shift=float(max_shift), smoothing_sigma=float(smoothing_sigma))
+                         max_shift=float(max_shift), smoothing_sigma=float(smoothing_sigma),
+                         outside_lungs=float(outside_lungs))
         self.autoencoder = autoencoder.eval()
         self.mode, self.steps = mode, int(steps)
         self.margin, self.similarity_weight = float(margin), float(similarity_weight)
         self.max_shift, self.smoothing_sigma = float(max_shift), float(smoothing_sigma)
+        self.outside_lungs = float(outside_lungs)
 
     # -- the search -------------------------------------------------------------------
 
     def _objective(self, images: torch.Tensor, reference: torch.Tensor, wanted: torch.Tensor,
                    classifier: nn.Module):
         """loss(z, index) for the images ``index``: classification towards ``wanted``
-        with the margin + similarity weight * mean |D(z) - D(z0)|; goal = crossed by the margin."""
+        with the margin + similarity weight * mean(cost * |D(z) - D(z0)|), cost the per-pixel
+        weight of ``outside_lungs`` (ones when 0); goal = crossed by the margin."""
         offset = threshold_logit(self.threshold)
         ae = self.autoencoder
+        cost = (outside_lung_weights(images, self.outside_lungs, tuple(reference.shape[-2:])) if self.outside_lungs
+                else torch.ones_like(reference[:, :1]))
 
         def loss_fn(latent: torch.Tensor, index: torch.Tensor):
             decoded = ae.decode(latent)
             change = decoded - reference[index]
             cf = residual(images[index], change)
             logit = classifier(cf).reshape(-1).float() - offset
-            want = wanted[index]
-            sign = 2.0 * want - 1.0
-            cls = F.binary_cross_entropy_with_logits(logit - self.margin * sign, want, reduction="none")
-            similarity = change.abs().flatten(1).mean(dim=1)
-            return cls + self.similarity_weight * similarity, logit * sign >= self.margin
+            cls, reached = crossing_loss(logit, wanted[index], self.margin)
+            similarity = (change.abs() * cost[index]).flatten(1).mean(dim=1)
+            return cls + self.similarity_weight * similarity, reached
 
         return loss_fn
 
