@@ -5,13 +5,17 @@ later bundle against the first (the baseline).
 
     .venv/bin/python benchmarks/bench_change_location.py \
         --bundle bundles/demo-pneumonia --bundle bundles/demo-pneumonia-v2 \
-        --methods sagen,exaggeration [--data ../shared/data/kermany-cxr224] [--n 624]
+        --methods sagen,exaggeration [--data ../shared/data/kermany-cxr224] [--n 624] \
+        [--setting "" --setting outside_lungs=8,refine_steps=100]
 
 The figures are ``explainers.validity.evaluate_explainer``'s, the scoring every
 training's test record uses: ``lung_share`` over all cases and for cases called
 positive (the positive -> negative direction), ``border_share``, next to
 ``lung_area`` / ``border_area`` (what a uniform change scores). ``--n`` takes the
 first N of a seeded permutation of the test split. A method a bundle lacks is skipped.
+Each ``--setting`` (comma-separated explainer parameters, "" for the bundle's own)
+adds one row per bundle, on top of the bundle's parameters; the first row of each
+method is the baseline of its ratios.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from explainers.base import explainer_class  # noqa: E402
+from explainers.base import explainer_class, parameter_overrides  # noqa: E402
 from explainers.bundle import Bundle  # noqa: E402
 from explainers.validity import evaluate_explainer  # noqa: E402
 from pipeline.training.explainers import training_splits  # noqa: E402
@@ -42,7 +46,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=624)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--setting", action="append", default=None,
+                        help="explainer parameters k=v[,k=v...] over the bundle's ('' = as bundled); repeatable")
     args = parser.parse_args()
+    settings = [parameter_overrides([i for i in text.split(",") if i.strip()]) for text in args.setting or [""]]
     print("command:", " ".join(shlex.quote(a) for a in sys.argv))
     bundles = [Bundle.load(b) for b in args.bundle]
     test = training_splits(bundles[0], args.data, max_images=None, seed=args.seed)["test"].images
@@ -51,12 +58,14 @@ def main() -> None:
     print(f"{len(images)} test images; columns: {', '.join(COLUMNS)}, ms_per_image")
     for method in args.methods.split(","):
         baseline: dict[str, float] | None = None
-        for bundle in bundles:
+        for bundle, setting in ((b, s) for b in bundles for s in settings):
             if method not in bundle.spec.explainers:
                 print(f"{method:13s} {bundle.spec.name:20s} not trained")
                 continue
-            metrics = evaluate_explainer(explainer_class(method).from_bundle(bundle), bundle.load_classifier(),
-                                         images, batch_size=args.batch_size)
+            if setting:
+                print(f"{method:13s} {bundle.spec.name:20s} with {setting}")
+            metrics = evaluate_explainer(explainer_class(method).from_bundle(bundle, **setting),
+                                         bundle.load_classifier(), images, batch_size=args.batch_size)
             row = " ".join(f"{metrics.get(k, float('nan')):.3f}" for k in COLUMNS)
             ratio = ""
             if baseline is None:

@@ -170,6 +170,21 @@ def explainer_class(name: str) -> type[Explainer]:
     return registry[name]  # type: ignore[return-value]
 
 
+def parameter_overrides(items: list[str]) -> dict[str, Any]:
+    """["NAME=VALUE", ...] -> {NAME: VALUE}, each value read as YAML (4 -> int, 0.3 ->
+    float, true -> bool, text -> str): explainer parameters given on a command line, to
+    pass to ``Explainer.from_bundle``. Raises ValueError for an item without NAME=."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"an explainer parameter must be NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     """Per-image scaling of non-negative maps (B, H, W) to [0, 1]; an all-zero map stays zero."""
     flat = maps.reshape(maps.shape[0], -1).clamp_min(0)

@@ -75,6 +75,9 @@ def test_methods_trained_against_the_classifier_cannot_be_adopted(tmp_path, targ
     unknown = _adopt("gvr", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data),
                      "--parameter", "no_such_thing=1")
     assert unknown.returncode == 2 and "no parameter no_such_thing" in unknown.stdout
+    malformed = _adopt("gvr", "--bundle", str(target), "--from", str(DEMO_BUNDLE), "--data", str(data),
+                       "--parameter", "outside_lungs")
+    assert malformed.returncode == 2 and "must be NAME=VALUE" in malformed.stdout
     with pytest.raises(ClassifierMismatchError):  # and the binding still refuses a copied section
         copied = Bundle.load(target)
         copied.spec.explainers["sagen"] = Bundle.load(DEMO_BUNDLE).spec.explainers["sagen"]

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-import yaml
 from rich.console import Console
 
 app = typer.Typer(help="Counterfactual and saliency explanations for radiograph classifiers, inside the PACS.",
@@ -108,17 +107,13 @@ def train_adopt_command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
     """Reuse another bundle's classifier-independent networks, re-validated against this bundle's classifier."""
+    from explainers.base import parameter_overrides
     from explainers.bundle import BundleError
     from pipeline.training.datasets import DatasetError
     from pipeline.training.explainers import adopt_explainer
 
     try:
-        changed = {}
-        for item in parameter:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ValueError(f"--parameter wants NAME=VALUE, got {item!r}")
-            changed[name.strip()] = yaml.safe_load(value)
+        changed = parameter_overrides(parameter)
         result = adopt_explainer(method, bundle=bundle, source=networks_from, data=data, parameters=changed,
                                  device=device)
     except (KeyError, BundleError, DatasetError, ValueError) as exc:
