@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import torch
 
+from explainers.bundle import Bundle
 from tests.conftest import PROJECT_ROOT, kermany_subset
 from tests.dicom_validation import assert_valid
 
@@ -128,3 +130,21 @@ def test_train_classifier_writes_a_loadable_bundle(tmp_path, kermany_dir):
     assert (out / "classifier_training_log.csv").read_text().count("\n") == 2
     done = run("info", str(out))
     assert "classifier.safetensors" in done.stdout
+
+    # Fine-tuning: --init-from starts from that classifier. At a vanishing learning rate the
+    # convolution weights stay the source's (batch-norm running statistics still move).
+    tuned = tmp_path / "tuned"
+    run("train", "classifier", "--data", str(data), "--out", str(tuned), "--size", "64", "--epochs", "1",
+        "--batch-size", "16", "--init-from", str(out), "--learning-rate", "1e-12", "--seed", "3")
+    from safetensors.torch import load_file
+
+    source, result = load_file(str(out / "classifier.safetensors")), load_file(str(tuned / "classifier.safetensors"))
+    convolutions = [k for k in source if "conv" in k and k.endswith("weight")]
+    assert convolutions and all(torch.allclose(source[k], result[k], atol=1e-6) for k in convolutions)
+    record = Bundle.load(tuned).spec.training
+    assert record["initialised_from"].startswith(f"bundle 1.0.0 sha256={Bundle.load(out).spec.classifier.weights.sha256}")
+    assert "fine-tuned from the classifier of bundle 1.0.0" in (tuned / "MODEL_CARD.md").read_text()
+    refused = run("train", "classifier", "--data", str(data), "--out", str(tmp_path / "other"), "--size", "96",
+                  "--epochs", "1", "--init-from", str(out), check_rc=2)
+    assert "cannot train the classifier" in refused.stdout and "differs" in refused.stdout
+    assert not (tmp_path / "other").exists()  # refused before anything was written

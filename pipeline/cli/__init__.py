@@ -30,13 +30,21 @@ def train_classifier_command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     augmentation: str = typer.Option("shortcut_robust", help="shortcut_robust (synthetic text, L/R markers, border "
                                      "bands, collimation, brightness jitter) | basic (geometry, gamma, noise)"),
+    learning_rate: float = typer.Option(1e-3, help="peak learning rate of the one-cycle schedule (AdamW)"),
+    init_from: Path = typer.Option(None, help="bundle whose classifier weights start the training (same "
+                                   "architecture and input; fine-tuning), instead of a random start"),
 ) -> None:
     """Train a binary classifier and write a bundle with a model card."""
+    from explainers.bundle import BundleError
     from pipeline.training.classifier import train_classifier_bundle
 
-    bundle = train_classifier_bundle(data=data, out=out, name=name or out.name, task=task, size=size,
-                                     epochs=epochs, batch_size=batch_size, seed=seed, device=device,
-                                     augmentation=augmentation)
+    try:
+        bundle = train_classifier_bundle(data=data, out=out, name=name or out.name, task=task, size=size,
+                                         epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                                         augmentation=augmentation, learning_rate=learning_rate, init_from=init_from)
+    except (BundleError, ValueError) as exc:
+        console.print(f"[red]cannot train the classifier:[/] {exc}")
+        raise typer.Exit(2)
     test = bundle.spec.metrics["test"]
     console.print(f"[green]wrote[/] {bundle.root} — test AUROC {test['auroc']:.4f}, accuracy {test['accuracy']:.4f}, "
                   f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")

@@ -11,7 +11,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dicom_io.preprocess import Preprocessor
-from explainers.bundle import Bundle, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
+from explainers.bundle import Bundle, BundleError, BundleSpec, ClassifierSpec, InputSpec, TaskSpec, save_weights
 from explainers.metrics import classification_metrics
 from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
 from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig, predict_probabilities
@@ -58,17 +58,26 @@ TASK_DATA_NOTES = {
 def train_classifier_bundle(
     *, data: Path, out: Path, name: str, task: str = "pneumonia", size: int = 128, epochs: int = 12,
     batch_size: int = 32, seed: int = 0, device: str = "cpu", augmentation: str = "shortcut_robust",
+    learning_rate: float = 1e-3, init_from: Path | None = None,
 ) -> Bundle:
+    """Train ``DEFAULT_ARCHITECTURE`` at ``size`` px on ``data`` (a manifest folder) and
+    write a bundle to ``out``. ``init_from``: a bundle whose classifier (same architecture,
+    parameters and input) is the starting point, recorded in the training record as
+    "initialised_from"; None: a seeded random start. Raises ValueError for an unknown
+    task, BundleError for an ``init_from`` that does not fit."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(data, Preprocessor((size, size), "squash"), seed=seed)
+    input_model = InputSpec(size=(size, size), aspect="squash", mean=0.5, std=0.25)
     torch.manual_seed(seed)
     network = build_network(DEFAULT_ARCHITECTURE, DEFAULT_PARAMETERS)
-    input_model = InputSpec(size=(size, size), aspect="squash", mean=0.5, std=0.25)
+    initialised_from = None
+    if init_from is not None:
+        network, initialised_from = _starting_network(init_from, input_model)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(data, Preprocessor((size, size), "squash"), seed=seed)
     model = BinaryClassifier(network, mean=input_model.mean, std=input_model.std)
     config = ClassifierTrainingConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device,
-                                      augmentation=augmentation)
+                                      augmentation=augmentation, learning_rate=learning_rate)
     trainer = ClassifierTrainer(config, model, splits["train"].images, splits["train"].labels,
                                 splits["val"].images, splits["val"].labels)
     steps = trainer.steps_per_epoch()
@@ -109,7 +118,7 @@ def train_classifier_bundle(
         training={
             "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": result.best_epoch,
-            "augmentation": augmentation, "settings": config.as_dict(),
+            "augmentation": augmentation, "settings": config.as_dict(), "initialised_from": initialised_from,
             # fit's training time over all runs: a resumed run's own time would leave out the earlier epochs
             "wall_time_s": round(result.wall_time_s, 1), "device": device,
             "torch": torch.__version__, "python": platform.python_version(), "log": "classifier_training_log.csv",
@@ -126,6 +135,21 @@ def train_classifier_bundle(
     bundle.save_spec()
     write_model_card(bundle)
     return Bundle.load(out)
+
+
+def _starting_network(source: Path, input_model: InputSpec) -> tuple[torch.nn.Module, str]:
+    """The classifier network of bundle ``source`` and how the record names it ("<name>
+    <version> sha256=<weights>"). Raises BundleError unless it has the architecture,
+    parameters and input this training builds."""
+    bundle = Bundle.load(source)
+    spec = bundle.spec
+    if (spec.classifier.architecture, spec.classifier.parameters) != (DEFAULT_ARCHITECTURE, DEFAULT_PARAMETERS):
+        raise BundleError(f"{source}: its classifier is {spec.classifier.architecture} {spec.classifier.parameters}, "
+                          f"not {DEFAULT_ARCHITECTURE} {DEFAULT_PARAMETERS}; it cannot start this training")
+    if spec.input != input_model:
+        raise BundleError(f"{source}: its input {spec.input.model_dump()} differs from {input_model.model_dump()}")
+    return (bundle.load_classifier().network,
+            f"{spec.name} {spec.version} sha256={spec.classifier.weights.sha256}")
 
 
 def _task_of(spec: BundleSpec) -> str:
@@ -178,6 +202,8 @@ def _history_lines(history: list[dict[str, Any]]) -> list[str]:
 def write_model_card(bundle: Bundle) -> None:
     s = bundle.spec
     test, val = s.metrics.get("test", {}), s.metrics.get("validation", {})
+    source = s.training.get("initialised_from")
+    start = f"fine-tuned from the classifier of {source}" if source else "random initialisation (seeded)"
     lines = [
         f"# Model card: {s.name} {s.version}",
         "",
@@ -212,6 +238,7 @@ def write_model_card(bundle: Bundle) -> None:
         f"{s.training.get('device')} "
         f"(torch {s.training.get('torch')}), seed {s.training.get('seed')}, best epoch {s.training.get('best_epoch')}",
         f"- Augmentation: `{s.training.get('augmentation', 'basic')}` (explainers/train_classifier.py `augmentation`)",
+        f"- Start: {start}",
         f"- Per-epoch log: `{s.training.get('log')}`",
         "",
         *_history_lines(s.metrics.get("history", [])),
