@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -170,9 +171,12 @@ def explainer_class(name: str) -> type[Explainer]:
     return registry[name]  # type: ignore[return-value]
 
 
+_FLOAT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def parameter_overrides(items: list[str]) -> dict[str, Any]:
-    """["NAME=VALUE", ...] -> {NAME: VALUE}, each value read as YAML (4 -> int, 0.3 ->
-    float, true -> bool, text -> str): explainer parameters given on a command line, to
+    """["NAME=VALUE", ...] -> {NAME: VALUE}, each value read as YAML (4 -> int, 0.3 and
+    1e-3 -> float, true -> bool, other text -> str): explainer parameters given on a command line, to
     pass to ``Explainer.from_bundle``. Raises ValueError for an item without NAME=."""
     import yaml
 
@@ -181,7 +185,10 @@ def parameter_overrides(items: list[str]) -> dict[str, Any]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"an explainer parameter must be NAME=VALUE, got {item!r}")
-        overrides[name.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _FLOAT_LITERAL.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as text; a number is meant
+        overrides[name.strip()] = parsed
     return overrides
 
 

@@ -11,7 +11,7 @@ An image stops at the first of:
 - ``done``: the loss function says it has reached its goal (e.g. the decision
   flipped by the margin asked for), ``refine_steps`` steps after it first did;
 - convergence: its loss improved by less than ``tolerance`` (relative) over the
-  last ``patience`` steps;
+  last ``patience`` steps, before it has reached its goal;
 - the step budget ``steps``.
 
 With ``refine_steps`` = 0 (the default) the search returns the first point that
@@ -94,7 +94,9 @@ def per_image_adam(initial: torch.Tensor, loss_fn: LossFn, budget: SearchBudget)
             now = torch.zeros(batch, dtype=torch.bool, device=device)
             now[index] = done.reshape(-1).to(torch.bool)
             first_reached[now & (first_reached < 0)] = step
-            improved = now & ~(current >= best_loss)  # NaN: keep the point rather than none
+            # A NaN loss never replaces a finite best; a crossing point with NaN loss is kept
+            # only while the image has no better one (so something that crossed is returned).
+            improved = now & ((current < best_loss) | best_loss.isinf() | (best_loss.isnan() & ~current.isnan()))
             best[improved] = variables.detach()[improved]
             best_loss[improved] = current[improved]
             reached |= now
@@ -102,7 +104,8 @@ def per_image_adam(initial: torch.Tensor, loss_fn: LossFn, budget: SearchBudget)
         if len(history) > budget.patience:
             before = history[-1 - budget.patience]
             gain = (before - current) / before.abs().clamp_min(1e-8)
-            stop |= active & (gain < budget.tolerance)
+            # Not while refining: around the threshold the loss oscillates by design.
+            stop |= active & ~reached & (gain < budget.tolerance)
         if step == budget.steps:
             break  # the budget is spent: the variables just evaluated are the result
         still = active & ~stop

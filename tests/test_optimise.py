@@ -28,13 +28,38 @@ def _search(refine_steps: int, batch: slice = slice(None)):
                                                   refine_steps=refine_steps))
 
 
-def test_without_refinement_the_search_stops_at_the_first_point_that_reaches_the_goal():
-    result = _search(0)
+def _recorded_search(refine_steps: int, *, tolerance: float = 0.0, patience: int = 401, nan_at: int | None = None):
+    """Run the search with every evaluated point recorded: [(image, step, x, loss, reached)]."""
+    seen: list[tuple[int, int, torch.Tensor, torch.Tensor, bool]] = []
+    calls = [0]
+
+    def fn(x, index):
+        loss, done = loss_fn(x, index)
+        if nan_at is not None and calls[0] == nan_at:
+            loss = loss * float("nan")
+        for k, i in enumerate(index.tolist()):
+            seen.append((i, calls[0], x[k, 0].detach().clone(), loss[k].detach().clone(), bool(done[k])))
+        calls[0] += 1
+        return loss, done
+
+    result = per_image_adam(torch.zeros(2, 1), fn, SearchBudget(steps=400, learning_rate=0.05, tolerance=tolerance,
+                                                                patience=patience, refine_steps=refine_steps))
+    return result, seen
+
+
+@pytest.mark.parametrize("refine_steps", [0, 7, 300])
+def test_the_search_returns_the_lowest_loss_visited_point_that_reaches_the_goal(refine_steps):
+    result, seen = _recorded_search(refine_steps)
     assert result.reached.all()
-    x = result.variables[:, 0]
-    assert (x >= 1.0).all() and (x < 1.0 + 0.06).all()  # one step of at most ~lr past the goal
-    # Stopped there: far fewer steps than the budget, and exactly the step it crossed.
-    assert (result.steps_used < 100).all()
+    for i in range(2):
+        crossing = [(loss, x, step) for image, step, x, loss, done in seen if image == i and done]
+        first = crossing[0][2]
+        loss, x, _ = min(crossing, key=lambda c: float(c[0]))
+        assert torch.equal(result.variables[i, 0], x) and torch.equal(result.loss[i], loss)
+        # It stops exactly refine_steps Adam steps after the first crossing.
+        assert int(result.steps_used[i]) == min(first + refine_steps, 400)
+    if refine_steps == 0:  # the first crossing point itself, one step of at most ~lr past the goal
+        assert (result.variables[:, 0] >= 1.0).all() and (result.variables[:, 0] < 1.06).all()
 
 
 def test_refinement_returns_the_lowest_loss_point_that_still_reaches_the_goal():
@@ -53,6 +78,24 @@ def test_refinement_returns_the_lowest_loss_point_that_still_reaches_the_goal():
     assert float(x[1]) < 1.1
     assert torch.allclose(refined.loss, loss_fn(refined.variables, torch.arange(2))[0])
     assert (refined.steps_used > plain.steps_used).all()
+
+
+def test_the_convergence_rule_does_not_cut_refinement_short():
+    """Around the goal the loss oscillates; a convergence stop there would return the
+    first crossing point and make refine_steps a no-op."""
+    strict, _ = _recorded_search(300, tolerance=1e-3, patience=10)
+    free, _ = _recorded_search(300)
+    assert torch.equal(strict.variables, free.variables)
+    assert torch.equal(strict.steps_used, free.steps_used)
+
+
+def test_a_nan_loss_never_replaces_a_better_crossing_point():
+    clean, seen = _recorded_search(300)
+    # Poison one evaluation well inside the refinement of both images.
+    late = max(step for image, step, *_ in seen) - 20
+    poisoned, _ = _recorded_search(300, nan_at=late)
+    assert torch.isfinite(poisoned.loss).all()
+    assert torch.allclose(poisoned.variables, clean.variables, atol=1e-3)
 
 
 def test_an_image_refines_the_same_alone_as_in_a_batch():
@@ -81,3 +124,14 @@ def test_the_crossing_loss_is_the_margin_bce_before_the_crossing_and_flat_after_
     assert torch.allclose(loss[reached], torch.full((4,), 0.6931), atol=1e-4)
     (grad,) = torch.autograd.grad(loss.sum(), logit)
     assert (grad[reached] == 0).all() and (grad[~reached] != 0).all()
+
+
+def test_explainer_parameters_from_a_command_line_are_typed():
+    from explainers.base import parameter_overrides
+
+    assert parameter_overrides(["outside_lungs=8", "tolerance=1e-3", "area_weight=0.3", "mode=gradient_shift",
+                                "refine=true"]) == {"outside_lungs": 8, "tolerance": 0.001, "area_weight": 0.3,
+                                                    "mode": "gradient_shift", "refine": True}
+    assert isinstance(parameter_overrides(["tolerance=1e-3"])["tolerance"], float)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parameter_overrides(["outside_lungs"])
