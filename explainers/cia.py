@@ -242,8 +242,7 @@ class CiaExplainer(Explainer):
         wanted = (~called).float()  # the class the counterfactual must reach
         # Per-cell cost of mask area, on the mask's grid (all ones: the paper's plain mean).
         grid = (self.mask_size, self.mask_size)
-        area_cost = (outside_lung_weights(images, self.outside_lungs, grid) if self.outside_lungs
-                     else torch.ones(batch, 1, *grid, device=device))
+        area_cost = outside_lung_weights(images, self.outside_lungs, grid)
 
         def loss_fn(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # The networks see one image at a time: convolutions batched differently round

@@ -191,8 +191,7 @@ class GvrExplainer(Explainer):
         weight of ``outside_lungs`` (ones when 0); goal = crossed by the margin."""
         offset = threshold_logit(self.threshold)
         ae = self.autoencoder
-        cost = (outside_lung_weights(images, self.outside_lungs, tuple(reference.shape[-2:])) if self.outside_lungs
-                else torch.ones_like(reference[:, :1]))
+        cost = outside_lung_weights(images, self.outside_lungs, tuple(reference.shape[-2:]))
 
         def loss_fn(latent: torch.Tensor, index: torch.Tensor):
             decoded = ae.decode(latent)

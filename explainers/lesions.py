@@ -290,6 +290,8 @@ def outside_lung_weights(images: torch.Tensor, outside_lungs: float, size: tuple
     images' own). Raises ValueError for a negative weight."""
     if outside_lungs < 0:
         raise ValueError(f"outside_lungs weight must be >= 0, got {outside_lungs}")
+    if outside_lungs == 0:  # uniform cost: no lung fields to find
+        return torch.ones(images.shape[0], 1, *(size or images.shape[-2:]), device=images.device)
     outside = 1.0 - lung_field_masks(images)
     if size is not None and tuple(size) != tuple(outside.shape[-2:]):
         outside = F.interpolate(outside, size=tuple(size), mode="area")
