@@ -1,5 +1,6 @@
 """`medxplain train adopt`: classifier-independent networks (gvr's autoencoder, cia's
-inpainters) reused by a bundle with another classifier, re-validated against it.
+inpainters) reused by a bundle with another classifier, re-validated against it; and
+a bundle's own classifier-bound networks re-validated with new parameters.
 
 Real bundles: the shipped v1 bundle is the source, a temporary copy of the v2 bundle
 (classifier only) the target; the repository's bundles are never modified."""
@@ -82,6 +83,31 @@ def test_methods_trained_against_the_classifier_cannot_be_adopted(tmp_path, targ
         copied = Bundle.load(target)
         copied.spec.explainers["sagen"] = Bundle.load(DEMO_BUNDLE).spec.explainers["sagen"]
         copied.check_classifier_binding("sagen")
+
+
+def test_a_bundle_readopts_its_own_networks_with_new_parameters(tmp_path, kermany_dir):
+    """medxgan is trained against v2's classifier, so it cannot come from v1, but v2 may
+    adopt it from itself with other parameters: same weights, new figures."""
+    bundle_dir = tmp_path / "v2"
+    shutil.copytree(V2_BUNDLE, bundle_dir, ignore=shutil.ignore_patterns(".checkpoints", "gvr*", "cia*", "sagen*",
+                                                                       "exaggeration*"))
+    spec = yaml.safe_load((bundle_dir / "bundle.yaml").read_text())
+    spec["explainers"] = {"medxgan": spec["explainers"]["medxgan"]}
+    (bundle_dir / "bundle.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    before = Bundle.load(bundle_dir).spec.explainers["medxgan"]
+    data = small_data(tmp_path, kermany_dir)
+    done = _adopt("medxgan", "--bundle", str(bundle_dir), "--from", str(bundle_dir), "--data", str(data),
+                  "--parameter", "walk=search", "--parameter", "search_steps=4", "--parameter", "refine_steps=1")
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    after = Bundle.load(bundle_dir).spec.explainers["medxgan"]  # verifies every pinned hash
+    assert {k: v.sha256 for k, v in after.weights.items()} == {k: v.sha256 for k, v in before.weights.items()}
+    assert after.parameters == {**before.parameters, "walk": "search", "search_steps": 4, "refine_steps": 1}
+    assert after.training["networks_from"]["why"] == "the networks were trained against this bundle's classifier"
+    assert after.training["test"]["n"] == 16 and after.training["test"] != before.training["test"]
+    assert explainer_class("medxgan").from_bundle(Bundle.load(bundle_dir)).walk == "search"
+    # From v1 (another classifier) it is still refused.
+    refused = _adopt("medxgan", "--bundle", str(bundle_dir), "--from", str(DEMO_BUNDLE), "--data", str(data))
+    assert refused.returncode == 2 and "trained against the classifier" in refused.stdout
 
 
 def test_a_source_with_another_input_is_refused(tmp_path, target, kermany_dir):

@@ -172,6 +172,41 @@ def test_the_walk_moves_the_classifier_to_the_other_class(positive):
         assert all(c["pathology_code_norm"] > 1.0 for c in e.checks)
 
 
+@pytest.mark.parametrize("positive", [True, False])
+def test_the_search_walk_flips_with_a_smaller_change_than_the_walk_to_zero(positive):
+    """walk "search" stops the pathology code just past the threshold (margin 1 logit,
+    then refinement lowers the change): it flips like the paper's walk, with less
+    change than z2 -> 0 (positives) or the fixed-length step (negatives), and says
+    how many Adam steps it took."""
+    generator, classifier = BoxLatentGenerator(), BoxClassifier()
+    images = generator(box_codes(3, positive=positive, seed=1))
+    search = dict(walk="search", search_steps=300, search_learning_rate=0.05, refine_steps=40, outside_lungs=0.0,
+                  margin=1.0, similarity_weight=2.0)
+    with torch.no_grad():
+        zero = box_explainer(negative_scale=2.0).explain(images, classifier)
+        found = box_explainer(**search).explain(images, classifier)
+    assert all(c["flipped"] for c in zero.checks) and all(c["flipped"] for c in found.checks), found.checks
+    for before, after in zip(zero.checks, found.checks):
+        assert after["proximity_l1"] < before["proximity_l1"], (before, after)
+        assert after["walk"] == "search" and after["walk_steps"] > 40  # crossing, then 40 refinement steps
+        assert before["walk"] == "zero" and before["walk_steps"] == 0
+    # The end crosses by the margin: the called class's logit is at least 1 past the threshold.
+    logit = torch.logit(torch.tensor([c["counterfactual_probability"] for c in found.checks]))
+    assert ((-logit if positive else logit) >= 1.0 - 1e-4).all(), logit
+    # The path is the latent line to the found end: its probabilities move monotonically.
+    steps = found.path_probability.diff(dim=1)
+    assert ((steps <= 1e-6) if positive else (steps >= -1e-6)).all()
+
+
+def test_search_walk_settings_are_checked():
+    with pytest.raises(ValueError, match="walk"):
+        box_explainer(walk="sideways")
+    with pytest.raises(ValueError, match="outside_lungs"):
+        box_explainer(walk="search", outside_lungs=-1.0)
+    with pytest.raises(ValueError):
+        box_explainer(walk="search", refine_steps=-1)
+
+
 def test_residual_trick_keeps_the_patients_detail():
     """The counterfactual is x + up(change): fine detail of x that the generator
     cannot make (here: one-pixel noise at the input size) is still there."""

@@ -106,7 +106,8 @@ _register_train_commands()
 
 @train_app.command("adopt")
 def train_adopt_command(
-    method: str = typer.Argument(..., help="gvr or cia: a method whose networks never see the classifier in training"),
+    method: str = typer.Argument(..., help="gvr or cia (networks that never see the classifier in training), or any "
+                                           "method whose networks were trained against this bundle's classifier"),
     bundle: Path = typer.Option(..., help="bundle that receives the networks (its classifier is explained)"),
     networks_from: Path = typer.Option(..., "--from", help="bundle with the trained networks (same input)"),
     data: Path = typer.Option(..., help="folder with manifest.csv: the re-validation's val and test splits"),

@@ -155,28 +155,33 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path,
     """Give ``bundle`` the trained networks of ``method`` from ``source`` (another bundle
     with the same input), re-validated against ``bundle``'s own classifier.
 
-    Only for methods whose networks never see the classifier while training
+    For methods whose networks never see the classifier while training
     (``Trainer.needs_classifier`` False: gvr's autoencoder, cia's inpainters): their
     weights are the same whichever classifier they explain, so retraining would only
-    repeat hours of CPU. What does depend on the classifier, the explainer's flips and
-    changes, is measured again on ``data``'s validation subset and test split and
-    replaces the source's figures; the training record keeps the source's training and
-    says where the networks came from (``networks_from``). ``parameters`` change the
-    explainer's stored parameters (e.g. ``outside_lungs``) before it is re-validated.
+    repeat hours of CPU. Any method's networks that were trained against ``bundle``'s
+    own classifier (same sha256; ``source`` may be ``bundle`` itself) can be adopted
+    too: that is how a bundle's explainer gets new ``parameters`` with figures that
+    match them. What does depend on the classifier and the parameters, the
+    explainer's flips and changes, is measured again on ``data``'s validation subset
+    and test split and replaces the source's figures; the training record keeps the
+    source's training and says where the networks came from (``networks_from``).
+    ``parameters`` change the explainer's stored parameters (e.g. ``outside_lungs``)
+    before it is re-validated.
 
-    Raises KeyError for an unknown method, ValueError for a method whose training reads
-    the classifier, ``BundleError`` when the source lacks the method or its input
+    Raises KeyError for an unknown method, ValueError for a method whose training read
+    another classifier, ``BundleError`` when the source lacks the method or its input
     differs, ``DatasetError`` for bad data.
     """
     if method not in TRAINERS:
         raise KeyError(f"no trainer for {method!r}; trainable: {', '.join(sorted(TRAINERS))}")
-    if TRAINERS[method].needs_classifier:
-        raise ValueError(f"{method}'s networks are trained against the classifier: retrain them "
-                         f"(`medxplain train {method} --bundle {bundle} --data DIR`) instead of adopting them")
     started = time.perf_counter()
     target, origin = Bundle.load(bundle), Bundle.load(source)
     if method not in origin.spec.explainers:
         raise BundleError(f"{source} has no trained {method}")
+    bound_here = origin.spec.explainers[method].classifier_sha256 == target.spec.classifier.weights.sha256
+    if TRAINERS[method].needs_classifier and not bound_here:
+        raise ValueError(f"{method}'s networks are trained against the classifier: retrain them "
+                         f"(`medxplain train {method} --bundle {bundle} --data DIR`) instead of adopting them")
     if origin.spec.input != target.spec.input:
         raise BundleError(f"{source}'s input {origin.spec.input.model_dump()} differs from {bundle}'s "
                           f"{target.spec.input.model_dump()}: its {method} networks do not fit")
@@ -204,8 +209,9 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path,
             "networks_from": {"bundle": f"{origin.spec.name} {origin.spec.version}",
                               "classifier_sha256": original.classifier_sha256,
                               "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                              "why": "the networks never see the classifier while training "
-                                     f"({TRAINERS[method].__name__}.needs_classifier is False)",
+                              "why": ("the networks were trained against this bundle's classifier" if bound_here
+                                      else "the networks never see the classifier while training "
+                                           f"({TRAINERS[method].__name__}.needs_classifier is False)"),
                               "changed_parameters": parameters,
                               "original_validation": original.training.get("validation"),
                               "original_test": original.training.get("test"),
