@@ -27,7 +27,7 @@ image x:
    x + upsample(G(z1, z2') - G(z1, z2)): the generator's 64 px limit never blurs the
    patient's image, only its *change* is synthesised.
 
-``medxgan``: saliency = smoothed |G(z1, z2) - G(z1, z2_end)|, counterfactuals = the
+``medxgan``: saliency = smoothed |G(z) - G(z_end)|, counterfactuals = the
 walk. ``medxgan_ig``: integrated gradients of the classifier along that walk, with
 the class the classifier called fixed at every step (a known pitfall of the public
 code is to re-choose it per step). The path is not a straight line in image space,
@@ -182,7 +182,7 @@ class _MedxganBase(Explainer):
         the search's budget: ``search_steps``, ``search_learning_rate``,
         ``search_patience`` (convergence before the crossing, tolerance ``tolerance``),
         ``refine_steps`` >= 0; its terms: ``margin`` >= 0 logits, ``similarity_weight``
-        >= 0 on mean(cost x |G(z*) - G(z)|) at 64 px, ``outside_lungs`` >= 0
+        >= 0 on mean(cost x |G(z*) - G(z)|) at the generator's size, ``outside_lungs`` >= 0
         (``explainers.lesions.outside_lung_weights``; 0: a plain mean). These are unused
         with walk "zero". Raises ValueError for an unknown inversion or walk, a missing
         encoder, steps < 2 or a search value out of its range.
@@ -198,9 +198,13 @@ class _MedxganBase(Explainer):
         if margin < 0 or similarity_weight < 0 or outside_lungs < 0:
             raise ValueError("medxgan margin, similarity_weight and outside_lungs must be >= 0, "
                              f"got {margin}, {similarity_weight}, {outside_lungs}")
-        self.search_budget = SearchBudget(steps=int(search_steps), learning_rate=float(search_learning_rate),
-                                          tolerance=float(tolerance), patience=int(search_patience),
-                                          refine_steps=int(refine_steps))  # validates
+        try:
+            self.search_budget = SearchBudget(steps=int(search_steps), learning_rate=float(search_learning_rate),
+                                              tolerance=float(tolerance), patience=int(search_patience),
+                                              refine_steps=int(refine_steps))  # validates
+        except ValueError as exc:
+            raise ValueError(f"medxgan search_steps, search_learning_rate, search_patience or refine_steps: {exc}") \
+                from exc
         super().__init__(threshold=threshold, inversion=inversion, inversion_steps=int(inversion_steps),
                          official_steps=int(official_steps), learning_rate=float(learning_rate),
                          tolerance=float(tolerance), patience=int(patience),
@@ -224,7 +228,8 @@ class _MedxganBase(Explainer):
         self.similarity_weight, self.outside_lungs = float(similarity_weight), float(outside_lungs)
 
     def _walk(self, images: torch.Tensor, classifier: nn.Module):
-        """Inversion and the latent walk: (probability, z, z_end, alphas, search result, inversion L1)."""
+        """Inversion and the latent walk: (probability, z, z_end, inversion search result,
+        inversion L1, walk_steps (B,) on the CPU: Adam steps of walk "search", else 0)."""
         generator = self.generator.to(images.device)
         encoder = self.encoder.to(images.device) if self.encoder is not None else None
         with torch.enable_grad(), frozen(classifier):
@@ -305,7 +310,7 @@ class _MedxganBase(Explainer):
 
 @register("medxgan")
 class MedxganExplainer(_MedxganBase):
-    """saliency = smoothed |G(z1, z2) - G(z1, z2_end)|; counterfactuals = the walk z2 -> z2_end."""
+    """saliency = smoothed |G(z) - G(z_end)|; counterfactuals = the walk z -> z_end (z_end: z2 -> 0, or searched)."""
 
     def explain(self, images: torch.Tensor, classifier: nn.Module) -> Explanation:
         """Inversion and walk: saliency (B, H, W) in [0, 1] = smoothed |G(z) - G(z_end)|

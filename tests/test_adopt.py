@@ -105,6 +105,13 @@ def test_a_bundle_readopts_its_own_networks_with_new_parameters(tmp_path, kerman
     assert after.training["networks_from"]["why"] == "the networks were trained against this bundle's classifier"
     assert after.training["test"]["n"] == 16 and after.training["test"] != before.training["test"]
     assert explainer_class("medxgan").from_bundle(Bundle.load(bundle_dir)).walk == "search"
+    # Adopting again keeps the earlier adoption's record.
+    again = _adopt("medxgan", "--bundle", str(bundle_dir), "--from", str(bundle_dir), "--data", str(data),
+                   "--parameter", "refine_steps=2")
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+    record = Bundle.load(bundle_dir).spec.explainers["medxgan"].training["networks_from"]
+    assert record["changed_parameters"] == {"refine_steps": 2}
+    assert record["previous"] == after.training["networks_from"]
     # From v1 (another classifier) it is still refused.
     refused = _adopt("medxgan", "--bundle", str(bundle_dir), "--from", str(DEMO_BUNDLE), "--data", str(data))
     assert refused.returncode == 2 and "trained against the classifier" in refused.stdout

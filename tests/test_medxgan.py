@@ -174,7 +174,7 @@ def test_the_walk_moves_the_classifier_to_the_other_class(positive):
 
 @pytest.mark.parametrize("positive", [True, False])
 def test_the_search_walk_flips_with_a_smaller_change_than_the_walk_to_zero(positive):
-    """walk "search" stops the pathology code just past the threshold (margin 1 logit,
+    """walk "search" stops the latent code just past the threshold (margin 1 logit,
     then refinement lowers the change): it flips like the paper's walk, with less
     change than z2 -> 0 (positives) or the fixed-length step (negatives), and says
     how many Adam steps it took."""
@@ -203,8 +203,10 @@ def test_search_walk_settings_are_checked():
         box_explainer(walk="sideways")
     with pytest.raises(ValueError, match="outside_lungs"):
         box_explainer(walk="search", outside_lungs=-1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="refine_steps"):
         box_explainer(walk="search", refine_steps=-1)
+    with pytest.raises(ValueError, match="search_learning_rate"):
+        box_explainer(walk="search", search_learning_rate=0.0)
 
 
 def test_residual_trick_keeps_the_patients_detail():
@@ -236,7 +238,9 @@ def test_integrated_gradients_along_the_latent_path_are_complete():
     assert explainer_class("medxgan_ig") is MedxganIGExplainer
 
 
-def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_classifier):
+@pytest.mark.parametrize("walk", [{}, dict(walk="search", search_steps=20, refine_steps=5, outside_lungs=8.0)],
+                         ids=["zero", "search"])
+def test_same_image_same_explanation_alone_or_in_a_batch(walk, kermany_dir, demo_classifier):
     # In float64: the property under test is that no image's search reads another
     # image (batch statistics, a shared stopping rule). In float32 the batched
     # convolutions differ from the single-image ones in the 7th digit, and the
@@ -246,12 +250,13 @@ def test_same_image_same_explanation_alone_or_in_a_batch(kermany_dir, demo_class
     generator, encoder = (network.double() for network in tiny_networks())
     demo_classifier = copy.deepcopy(demo_classifier).double()
     images = real_images(kermany_dir, 3).double()
-    settings = dict(generator=generator, encoder=encoder, inversion_steps=5, steps=3, threshold=0.808)
+    settings = dict(generator=generator, encoder=encoder, inversion_steps=5, steps=3, threshold=0.808, **walk)
     for explainer in (MedxganExplainer(**settings), MedxganIGExplainer(ig_steps=4, **settings)):
         batch = explainer.explain(images, demo_classifier)
         alone = explainer.explain(images[1:2], demo_classifier)
         assert torch.allclose(batch.counterfactuals[1:2], alone.counterfactuals, atol=1e-4)
         assert batch.checks[1]["steps_used"] == alone.checks[0]["steps_used"]
+        assert batch.checks[1]["walk_steps"] == alone.checks[0]["walk_steps"]
         assert batch.counterfactuals.shape == (3, 3, 1, 128, 128) and batch.saliency.shape == (3, 128, 128)
         if isinstance(explainer, MedxganIGExplainer):
             assert torch.allclose(batch.saliency[1:2], alone.saliency, atol=1e-4)

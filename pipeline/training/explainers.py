@@ -198,8 +198,11 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path,
     val = seeded_subset(splits["val"], ADOPTED_VALIDATION_IMAGES, int(original.training.get("seed", 0)))
     validation = evaluate_explainer(explainer, classifier, val.images, batch_size=batch_size, device=device)
     test = evaluate_explainer(explainer, classifier, splits["test"].images, batch_size=batch_size, device=device)
-    weights = {part: save_weights(origin.load_state(method, part), target.root / ref.file)
-               for part, ref in original.weights.items()}
+    if origin.root.resolve() == target.root.resolve():
+        weights = dict(original.weights)  # the same files: never rewrite a file its tensors are mapped from
+    else:
+        weights = {part: save_weights(origin.load_state(method, part), target.root / ref.file)
+                   for part, ref in original.weights.items()}
     section = ExplainerSpec(
         classifier_sha256=target.spec.classifier.weights.sha256,
         parameters={**original.parameters, **parameters},
@@ -209,9 +212,13 @@ def adopt_explainer(method: str, *, bundle: Path, source: Path, data: Path,
             "networks_from": {"bundle": f"{origin.spec.name} {origin.spec.version}",
                               "classifier_sha256": original.classifier_sha256,
                               "command": "medxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                              "why": ("the networks were trained against this bundle's classifier" if bound_here
+                              "why": ("the networks were trained against this bundle's classifier"
+                                      if TRAINERS[method].needs_classifier
                                       else "the networks never see the classifier while training "
                                            f"({TRAINERS[method].__name__}.needs_classifier is False)"),
+                              # An earlier adoption's record (e.g. v1 -> v2, then new parameters).
+                              **({"previous": original.training["networks_from"]}
+                                 if "networks_from" in original.training else {}),
                               "changed_parameters": parameters,
                               "original_validation": original.training.get("validation"),
                               "original_test": original.training.get("test"),
