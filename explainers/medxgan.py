@@ -22,7 +22,7 @@ image x:
    search. z2 -> 0 re-synthesises the whole image wherever the generator ties
    pathology to global appearance (on the v2 demo bundle half the change lay outside
    the lungs); a search over z2 alone is confined to 16 global directions (lung share
-   0.57 on 16 test images), over the whole code 0.67 (docs/benchmarks.md, issue 15);
+   0.57 on 16 test images), over the whole code 0.68 (docs/benchmarks.md, issue 15);
 3. residual trick: the counterfactual shown at the input resolution is
    x + upsample(G(z1, z2') - G(z1, z2)): the generator's 64 px limit never blurs the
    patient's image, only its *change* is synthesised.

@@ -26,7 +26,7 @@ BARS = {
     # 16 images: each search takes about 105 Adam steps.
     "gvr": (16, 0.9, 0.6),
     # walk "search" (bundle parameter; the paper's z2 -> 0 walk had lung share 0.520): 624
-    # images: 1.000 / 1.000 flipped, lung share 0.698. 16 images: about 106 search steps each.
+    # images: 1.000 / 1.000 flipped, lung share 0.698, 106 walk search steps per image on average.
     "medxgan": (16, 0.9, 0.6),
     # v1's inpainters adopted, searched with the lung-weighted mask cost (outside_lungs 4,
     # area_weight 0.3, 150 steps): 624 images: 0.699 / 1.000 flipped (below issue 15's
