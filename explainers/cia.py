@@ -60,7 +60,7 @@ from torch import nn
 from explainers._helpers import frozen
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
 from explainers.lesions import outside_lung_weights
-from explainers.optimise import SearchBudget, crossing_loss, per_image_adam
+from explainers.optimise import SearchBudget, counterfactual_loss, per_image_adam
 from explainers.validity import counterfactual_checks
 
 # Default widths: (level 0..4, decoder output). 1.8 M parameters per inpainter.
@@ -252,11 +252,10 @@ class CiaExplainer(Explainer):
             z = torch.cat([classifier(self._infill(images[j:j + 1], self._masks(logits[k:k + 1], size),
                                                    called[j:j + 1])).reshape(-1)
                            for k, j in enumerate(index.tolist())]).float() - offset
-            classification, reached = crossing_loss(z, wanted[index], self.margin)
             m = torch.sigmoid(logits)
-            loss = (classification + self.area_weight * (m * area_cost[index]).flatten(1).mean(1)
-                    + self.tv_weight * total_variation(m))
-            return loss, reached.detach()
+            loss, reached = counterfactual_loss(z, wanted[index], self.margin, penalty=m, cost=area_cost[index],
+                                                weight=self.area_weight)
+            return loss + self.tv_weight * total_variation(m), reached.detach()
 
         # Every cell starts at the same area cost: initial_mask inside the lungs, less outside
         # them when outside_lungs > 0 (a mask of 0.1 everywhere would otherwise leak a tenth of

@@ -46,7 +46,7 @@ from torch import nn
 from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, normalise_maps, register, threshold_logit
 from explainers.lesions import outside_lung_weights
-from explainers.optimise import SearchBudget, crossing_loss, per_image_adam
+from explainers.optimise import SearchBudget, counterfactual_loss, per_image_adam
 from explainers.validity import counterfactual_checks
 
 # Encoder widths per level (each halves the side) and latent channels: at 64 px an
@@ -198,9 +198,8 @@ class GvrExplainer(Explainer):
             change = decoded - reference[index]
             cf = residual(images[index], change)
             logit = classifier(cf).reshape(-1).float() - offset
-            cls, reached = crossing_loss(logit, wanted[index], self.margin)
-            similarity = (change.abs() * cost[index]).flatten(1).mean(dim=1)
-            return cls + self.similarity_weight * similarity, reached
+            return counterfactual_loss(logit, wanted[index], self.margin, penalty=change.abs(), cost=cost[index],
+                                       weight=self.similarity_weight)
 
         return loss_fn
 

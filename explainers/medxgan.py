@@ -51,7 +51,7 @@ from torch import nn
 from explainers._helpers import frozen, smooth_maps, to_working
 from explainers.base import Explainer, Explanation, decision_signs, normalise_maps, register, threshold_logit
 from explainers.lesions import outside_lung_weights
-from explainers.optimise import SearchBudget, crossing_loss, per_image_adam
+from explainers.optimise import SearchBudget, counterfactual_loss, per_image_adam
 from explainers.validity import counterfactual_checks
 
 DEFAULT_WIDTHS = (128, 64, 32, 16)  # channels at 4, 8, 16, 32 px; the last layer makes the 64 px image
@@ -263,8 +263,8 @@ class _MedxganBase(Explainer):
             change = generator(code) - base[index]
             shown = (images[index] + to_input(change, images.shape[-2:])).clamp(0.0, 1.0)
             logit = classifier(shown).reshape(-1).float() - offset
-            cls, reached = crossing_loss(logit, wanted[index], self.margin)
-            return cls + self.similarity_weight * (change.abs() * cost[index]).flatten(1).mean(dim=1), reached
+            return counterfactual_loss(logit, wanted[index], self.margin, penalty=change.abs(), cost=cost[index],
+                                       weight=self.similarity_weight)
 
         result = per_image_adam(z, loss_fn, self.search_budget)
         return result.variables, result.steps_used.cpu()

@@ -141,3 +141,19 @@ def crossing_loss(logit: torch.Tensor, wanted: torch.Tensor, margin: float) -> t
     sign = 2.0 * wanted - 1.0
     loss = F.binary_cross_entropy_with_logits(logit - margin * sign, wanted, reduction="none")
     return loss.clamp_min(math.log(2.0)), logit * sign >= margin
+
+
+def counterfactual_loss(logit: torch.Tensor, wanted: torch.Tensor, margin: float, *,
+                        penalty: torch.Tensor, cost: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counterfactual searches' whole loss (medxgan's searched walk, gvr's shift, cia's
+    mask), per image: ``crossing_loss`` + ``weight`` x mean over pixels of ``cost`` x
+    ``penalty``.
+
+    ``penalty`` (n, ...): what the search should keep small, >= 0 (|change| for a
+    generator, the mask for cia); ``cost`` (n, ...), the same shape: the per-pixel weight
+    (``explainers.lesions.outside_lung_weights``: ones, or higher outside the lungs);
+    ``weight`` >= 0. The proximity term of Wachter et al. 2018 (section 4), weighted by
+    place. Returns (loss (n,), reached (n,) bool) as ``crossing_loss``.
+    """
+    classification, reached = crossing_loss(logit, wanted, margin)
+    return classification + weight * (penalty * cost).flatten(1).mean(dim=1), reached

@@ -126,6 +126,20 @@ def test_the_crossing_loss_is_the_margin_bce_before_the_crossing_and_flat_after_
     assert (grad[reached] == 0).all() and (grad[~reached] != 0).all()
 
 
+def test_the_counterfactual_loss_adds_the_place_weighted_penalty_to_the_crossing_loss():
+    from explainers.optimise import counterfactual_loss, crossing_loss
+
+    logit, wanted = torch.tensor([-2.0, 2.0]), torch.tensor([1.0, 1.0])
+    penalty = torch.zeros(2, 1, 2, 2)
+    penalty[:, :, 0, 0] = 1.0  # the same change, in the one corner
+    cost = torch.ones(2, 1, 2, 2)
+    cost[1, :, 0, 0] = 8.0  # for the second image that corner lies outside the lungs
+    loss, reached = counterfactual_loss(logit, wanted, 1.0, penalty=penalty, cost=cost, weight=0.5)
+    crossing, crossed = crossing_loss(logit, wanted, 1.0)
+    assert torch.equal(reached, crossed) and reached.tolist() == [False, True]
+    assert torch.allclose(loss, crossing + 0.5 * torch.tensor([1.0, 8.0]) / 4)
+
+
 def test_explainer_parameters_from_a_command_line_are_typed():
     from explainers.base import parameter_overrides
 
