@@ -216,11 +216,13 @@ def random_spec(image: np.ndarray, rng: np.random.Generator, kind: LesionKind | 
         raise LesionError("no lung field found in the image")
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
     side = image.shape[0]
-    # Sizes as fractions of the side (224 px: nodules 6-12 px radius, opacities
-    # 10-20 px, diffuse patches 16-27 px); contrast lower for larger lesions. Dense
-    # enough that a 1 M-parameter classifier at 128 px learns them in minutes.
+    # Sizes as fractions of the side (224 px: nodules 8-15 px radius, opacities
+    # 10-20 px, diffuse patches 16-27 px); contrast lower for larger lesions. Nodules
+    # were 6-12 px at contrast 0.35-0.65 until issue 15: the lesion classifier at 128 px
+    # (nodules 3-7 px there) missed 48 % of the smallest quarter of them against 0-15 %
+    # of every other kind and size (docs/benchmarks.md), so their lower bounds were raised.
     radius_range, contrast_range = {
-        "nodule": ((0.025, 0.055), (0.35, 0.65)),
+        "nodule": ((0.035, 0.065), (0.45, 0.70)),
         "opacity": ((0.045, 0.09), (0.30, 0.55)),
         "diffuse": ((0.07, 0.12), (0.25, 0.45)),
     }[kind]
