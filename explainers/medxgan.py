@@ -162,7 +162,7 @@ class _MedxganBase(Explainer):
     optional_networks = ("encoder",)
 
     def __init__(self, *, generator: MedxganGenerator, encoder: MedxganEncoder | None = None,
-                 inversion: str = "encoder", inversion_steps: int = 50, official_steps: int = 5000,
+                 inversion: str = "encoder", inversion_steps: int = 30, official_steps: int = 5000,
                  learning_rate: float = 0.02, tolerance: float = 1e-3, patience: int = 10,
                  probability_weight: float = 0.1, negative_scale: float = 1.0, steps: int = 8,
                  smoothing_sigma: float = 2.0, walk: str = "zero", search_steps: int = 200,

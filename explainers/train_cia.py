@@ -64,6 +64,10 @@ class CiaTrainingConfig(TrainingSettings):
     tv_weight: float = explainer_parameter(3.0, "lambda2: weight of the mask's total variation")
     mask_size: int = explainer_parameter(16, "side of the mask's logit grid")
     initial_mask: float = explainer_parameter(0.1, "the search's starting mask value, in (0, 1)")
+    outside_lungs: float = explainer_parameter(0.0, "mask area outside the lung fields costs 1 + this times "
+                                                    "more (0: the paper's plain mean area)")
+    refine_steps: int = explainer_parameter(0, "mask search: Adam steps after the decision has crossed, "
+                                               "shrinking the mask (0: stop at the first crossing)")
 
 
 @torch.no_grad()

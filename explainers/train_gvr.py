@@ -50,6 +50,10 @@ class GvrTrainingConfig(TrainingSettings):
     margin: float = explainer_parameter(1.0, "logits by which the counterfactual must cross the threshold")
     similarity: float = explainer_parameter(2.0, "weight of mean |D(z) - D(z0)|: higher keeps the rationale "
                                                  "smaller, lower flips more decisions", name="similarity_weight")
+    outside_lungs: float = explainer_parameter(0.0, "similarity: change outside the lung fields costs 1 + this "
+                                                    "times more (0: uniform)")
+    refine_steps: int = explainer_parameter(0, "latent search: Adam steps after the decision has crossed "
+                                               "(0: stop at the first crossing)")
     max_shift: float = explainer_parameter(3.0, "gradient_shift: largest latent shift (RMS per element)")
     smoothing_sigma: float = explainer_parameter(4.0, "Gaussian smoothing of the saliency map, pixels")
 

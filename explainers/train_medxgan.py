@@ -84,6 +84,18 @@ class MedxganTrainingConfig(TrainingSettings):
                                                          "probability")
     negative_scale: float = explainer_parameter(1.0, "length of the walk for cases called negative, in "
                                                      "sqrt(dim z2)")
+    walk: str = explainer_parameter("zero", "end of the latent walk: zero (the paper's z2 -> 0) | search "
+                                            "(per image, the smallest lung-weighted change that flips)")
+    search_steps: int = explainer_parameter(200, "walk search: Adam steps at most before the crossing")
+    search_learning_rate: float = explainer_parameter(0.05, "walk search: Adam learning rate")
+    search_patience: int = explainer_parameter(1000, "walk search: steps without improvement before stopping")
+    refine_steps: int = explainer_parameter(100, "walk search: Adam steps after the crossing")
+    walk_margin: float = explainer_parameter(1.0, "walk search: logits by which the end must cross the "
+                                                  "threshold", name="margin")
+    walk_similarity: float = explainer_parameter(8.0, "walk search: weight of the lung-weighted mean "
+                                                      "|G(z*) - G(z)|", name="similarity_weight")
+    walk_outside_lungs: float = explainer_parameter(8.0, "walk search: change outside the lung fields costs "
+                                                         "1 + this times more", name="outside_lungs")
     steps: int = explainer_parameter(8, "images on the latent walk")
     ig_steps: int = explainer_parameter(32, "medxgan_ig: trapezoid steps of the integrated gradients")
     smoothing_sigma: float = explainer_parameter(2.0, "Gaussian smoothing of the saliency map, pixels")

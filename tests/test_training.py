@@ -40,6 +40,26 @@ def test_options_come_from_the_settings_and_round_trip():
     assert changed.weights.proximity == 3.0 and changed.epochs == 2
 
 
+def test_every_explainer_parameter_is_a_training_option_with_the_explainers_default():
+    """`medxplain train METHOD` must be able to write every setting the explainer takes
+    (a shipped setting reproducible by one command), with the explainer's own default."""
+    import inspect
+
+    from explainers.base import available, explainer_class
+
+    for name, trainer in TRAINERS.items():
+        readers = [explainer_class(e) for e in available() if getattr(explainer_class(e), "bundle_section", None) == name]
+        expected = {}
+        for cls in readers:
+            for key, p in inspect.signature(cls.__init__).parameters.items():
+                if key in ("self", "threshold") or key in cls.bundle_networks or p.kind is p.VAR_KEYWORD:
+                    continue
+                expected[key] = p.default
+        stored = trainer.settings_class().explainer_parameters()
+        assert set(stored) == set(expected), f"{name}: {set(stored) ^ set(expected)}"
+        assert stored == expected, name
+
+
 def _classifier(seed: int = 0) -> BinaryClassifier:
     torch.manual_seed(seed)
     network = DenseNet(spatial_dims=2, in_channels=1, out_channels=1, init_features=4, growth_rate=4,
