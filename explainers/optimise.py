@@ -146,11 +146,13 @@ def crossing_loss(logit: torch.Tensor, wanted: torch.Tensor, margin: float) -> t
 def counterfactual_loss(logit: torch.Tensor, wanted: torch.Tensor, margin: float, *,
                         penalty: torch.Tensor, cost: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The counterfactual searches' whole loss (medxgan's searched walk, gvr's shift, cia's
-    mask), per image: ``crossing_loss`` + ``weight`` x mean over pixels of ``cost`` x
-    ``penalty``.
+    mask), per image: ``crossing_loss`` + ``weight`` x mean over the elements of ``cost``
+    x ``penalty``.
 
-    ``penalty`` (n, ...): what the search should keep small, >= 0 (|change| for a
-    generator, the mask for cia); ``cost`` (n, ...), the same shape: the per-pixel weight
+    ``logit``, ``wanted`` (n,) and ``margin`` as for ``crossing_loss``. ``penalty`` (n,
+    ...): what the search should keep small, >= 0 (|change| at the generator's size for
+    medxgan and gvr, the mask on its logit grid for cia); ``cost`` (n, ...), the same
+    shape: the per-element weight
     (``explainers.lesions.outside_lung_weights``: ones, or higher outside the lungs);
     ``weight`` >= 0. The proximity term of Wachter et al. 2018 (section 4), weighted by
     place. Returns (loss (n,), reached (n,) bool) as ``crossing_loss``.

@@ -51,11 +51,17 @@ def test_every_explainer_parameter_is_a_training_option_with_the_explainers_defa
         readers = [explainer_class(e) for e in available() if getattr(explainer_class(e), "bundle_section", None) == name]
         expected = {}
         for cls in readers:
-            for key, p in inspect.signature(cls.__init__).parameters.items():
-                if key in ("self", "threshold") or key in cls.bundle_networks or p.kind is p.VAR_KEYWORD:
+            for klass in cls.__mro__:  # defaults over the hierarchy, as parameter_names reads the names
+                init = klass.__dict__.get("__init__")
+                if init is None or klass is object:
                     continue
-                expected[key] = p.default
-        stored = trainer.settings_class().explainer_parameters()
+                for key, p in inspect.signature(init).parameters.items():
+                    if key in cls.parameter_names() and key not in expected:
+                        expected[key] = p.default
+        settings = trainer.settings_class()
+        stored = settings.explainer_parameters()
+        marked = [f for f in dataclasses.fields(settings) if f.metadata.get("explainer")]
+        assert len(marked) == len(stored), f"{name}: two settings store under one bundle name"
         assert set(stored) == set(expected), f"{name}: {set(stored) ^ set(expected)}"
         assert stored == expected, name
 
