@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,9 +134,19 @@ def test_make_lesions_paired_writes_each_image_untouched_and_with_a_lesion(kerma
         assert (normal["split"], normal["source_patient_token"]) == (lesion["split"], lesion["source_patient_token"])
         difference = np.asarray(Image.open(out / normal["path"])) != np.asarray(Image.open(out / lesion["path"]))
         assert np.array_equal(difference, np.asarray(Image.open(out / lesion["mask"])) > 0)
+    # The folder says how it was made, for the model card of a classifier trained on it.
+    from pipeline.evaluation.lesion_data import read_recipe
+
+    recipe = read_recipe(out)
+    assert recipe["design"] == "paired" and recipe["seed"] == 0 and recipe["positive_fraction"] is None
+    assert recipe["command"].endswith(f"--out {out} --seed 0 --paired")
+    generator = Path(__file__).resolve().parents[1] / "explainers" / "lesions.py"
+    assert recipe["generator_sha256"] == hashlib.sha256(generator.read_bytes()).hexdigest()
+    assert read_recipe(source) is None  # a Kermany folder has none
     # The lesion is the one the split design would draw for the same image and seed.
     single = tmp_path / "single"
     assert CliRunner().invoke(app, ["make-lesions", "--data", str(source), "--out", str(single)]).exit_code == 0
+    assert read_recipe(single)["design"] == "split" and "--positive-fraction 0.5" in read_recipe(single)["command"]
     for r in csv.DictReader(open(single / "manifest.csv")):
         if r["label"] == "1":
             assert hashlib.sha1((single / r["path"]).read_bytes()).hexdigest() == \

@@ -97,3 +97,22 @@ def test_model_card_shows_shortcut_figures_and_the_earlier_versions(tmp_path):
     assert "## Shortcut sensitivity" in card and "| text_bottom_3pct | 0.0010 | 0.0500 | 0.0200 (40) |" in card
     assert "marker_AP_large_grey (held out) | 0.0000 | 0.0100 | — (0)" in card
     assert "## History" in card and "Test AUROC 0.9704" in card
+
+
+def test_a_lesion_classifiers_model_card_gives_its_data_sets_recipe(tmp_path):
+    from pathlib import Path
+
+    from explainers.bundle import Bundle
+    from pipeline.training.classifier import write_model_card
+
+    demo = Bundle.load(Path(__file__).resolve().parents[1] / "bundles" / "demo-pneumonia")
+    spec = demo.spec.model_copy(deep=True)
+    spec.task.finding, spec.task.positive_label = "Lesion", "LESION"
+    spec.data["recipe"] = {"design": "paired", "seed": 0, "source": "kermany-cxr224", "positive_fraction": None,
+                           "limit": None, "generator_sha256": "cd" * 32,
+                           "command": "medxplain make-lesions --data k --out o --seed 0 --paired"}
+    write_model_card(Bundle(tmp_path, spec, ""))
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "**The lesions are synthetic**" in card
+    assert "each NORMAL image twice, untouched (label 0) and with a lesion (label 1); seed 0" in card
+    assert "`medxplain make-lesions --data k --out o --seed 0 --paired`" in card and "cd" * 32 in card

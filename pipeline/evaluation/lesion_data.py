@@ -11,6 +11,11 @@ Two designs (``paired``):
   labels carry no information about the class: a classifier can only learn the
   lesion, from twice as many images.
 
+The folder also gets ``recipe.json`` (``RECIPE``): the design, seed and command that
+made it and the sha256 of the lesion generator's source (``explainers/lesions.py``),
+so a classifier trained on it can say in its model card exactly which lesions it
+learnt, and a changed generator is visible.
+
 Patient tokens are kept (both images of a pair share one), so
 pipeline.training.datasets.load_splits carves validation by patient as for Kermany
 and a pair never straddles two splits.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +33,14 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+import explainers.lesions
 from explainers.lesions import random_lesion
 from pipeline.training.datasets import DatasetError, read_manifest
 
 FIELDS = ["path", "split", "label", "class_name", "source_patient_token", "mask", "lesion_kind",
           "lesion_area", "source_path", "sha1"]
 POSITIVE, NEGATIVE = "LESION", "NORMAL"
+RECIPE = "recipe.json"
 
 
 @dataclass
@@ -78,6 +86,13 @@ def make_lesion_dataset(source: Path, out: Path, *, seed: int = 0, positive_frac
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(written)
+    design = ["--paired"] if paired else ["--positive-fraction", str(positive_fraction)]
+    recipe = {"design": "paired" if paired else "split", "seed": seed, "source": source.name,
+              "positive_fraction": None if paired else positive_fraction, "limit": limit,
+              "command": " ".join(["medxplain make-lesions", "--data", str(source), "--out", str(out), "--seed",
+                                   str(seed), *design, *(["--limit", str(limit)] if limit else [])]),
+              "generator_sha256": hashlib.sha256(Path(explainers.lesions.__file__).read_bytes()).hexdigest()}
+    (out / RECIPE).write_text(json.dumps(recipe, indent=1) + "\n")
     counts: dict[str, dict[str, int]] = {}
     for (split, name), n in Counter((r["split"], r["class_name"]) for r in written).items():
         counts.setdefault(split, {})[name] = n
@@ -110,3 +125,10 @@ def _write_image(out: Path, split: str, row: dict[str, str], image: np.ndarray, 
 def count_normal(source: Path) -> int:
     return sum(1 for r in read_manifest(source) if r.get("class_name", "") == NEGATIVE or
                (not r.get("class_name") and r["label"] == "0"))
+
+
+def read_recipe(folder: Path) -> dict | None:
+    """The ``recipe.json`` of a folder ``make_lesion_dataset`` wrote; None for any other
+    folder (Kermany's, or a lesion set made before recipes were written)."""
+    path = folder / RECIPE
+    return json.loads(path.read_text()) if path.is_file() else None

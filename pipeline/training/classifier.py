@@ -16,6 +16,7 @@ from explainers.metrics import classification_metrics
 from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
 from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig, predict_probabilities
 from explainers.training import fit
+from pipeline.evaluation.lesion_data import read_recipe
 from pipeline.training.datasets import load_splits
 
 KERMANY_ATTRIBUTION = (
@@ -46,9 +47,7 @@ TASK_DATA_NOTES = {
     ],
     "lesions": [
         "- **The lesions are synthetic**: round nodules, irregular opacities and diffuse patches inserted by",
-        "  `medxplain make-lesions` (explainers/lesions.py, seeded) into the real NORMAL Kermany radiographs;",
-        "  each NORMAL image appears once, with a lesion (label 1) or without (label 0), half and half per split.",
-        "  Data set: `medxplain make-lesions --data ../shared/data/kermany-cxr224 --out data/lesions-cxr224 --seed 0`.",
+        "  `medxplain make-lesions` (explainers/lesions.py, seeded) into the real NORMAL Kermany radiographs.",
         "  The classifier detects *these* lesions: it is a ground-truth benchmark model, not a clinical detector.",
         "- Caveats: paediatric patients (age 1-5); images squashed to 224x224 and JPEG re-compressed, stored as PNG.",
     ],
@@ -129,6 +128,7 @@ def train_classifier_bundle(
             "splits": {k: int(len(v.labels)) for k, v in splits.items()},
             "validation_split": "10% of training patients (source_patient_token), seeded",
             "attribution": KERMANY_ATTRIBUTION,
+            **({"recipe": recipe} if (recipe := read_recipe(data)) else {}),
         },
     )
     bundle = Bundle(out, spec, "")
@@ -199,6 +199,21 @@ def _history_lines(history: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+DESIGNS = {
+    "paired": "each NORMAL image twice, untouched (label 0) and with a lesion (label 1)",
+    "split": "each NORMAL image once, with a lesion (label 1) or untouched (label 0)",
+}
+
+
+def _recipe_lines(recipe: dict[str, Any] | None) -> list[str]:
+    """The model card's lines for a data set made by ``medxplain make-lesions`` (its recipe.json)."""
+    if not recipe:
+        return []
+    return [f"- Design: {DESIGNS[recipe['design']]}; seed {recipe['seed']}, from {recipe['source']}.",
+            f"  Data set: `{recipe['command']}`",
+            f"  Lesion generator: explainers/lesions.py sha256 `{recipe['generator_sha256']}`"]
+
+
 def write_model_card(bundle: Bundle) -> None:
     s = bundle.spec
     test, val = s.metrics.get("test", {}), s.metrics.get("validation", {})
@@ -220,6 +235,7 @@ def write_model_card(bundle: Bundle) -> None:
         "## Data",
         f"- {s.data.get('source')}: splits {s.data.get('splits')}; {s.data.get('validation_split')}",
         *TASK_DATA_NOTES[_task_of(s)],
+        *_recipe_lines(s.data.get("recipe")),
         "",
         "## Metrics (threshold from validation)",
         "| split | AUROC | accuracy | sensitivity | specificity | n |",
