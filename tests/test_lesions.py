@@ -135,7 +135,7 @@ def test_make_lesions_paired_writes_each_image_untouched_and_with_a_lesion(kerma
         difference = np.asarray(Image.open(out / normal["path"])) != np.asarray(Image.open(out / lesion["path"]))
         assert np.array_equal(difference, np.asarray(Image.open(out / lesion["mask"])) > 0)
     # The folder says how it was made, for the model card of a classifier trained on it.
-    from pipeline.evaluation.lesion_data import read_recipe
+    from pipeline.training.datasets import read_recipe
 
     recipe = read_recipe(out)
     assert recipe["design"] == "paired" and recipe["seed"] == 0 and recipe["positive_fraction"] is None

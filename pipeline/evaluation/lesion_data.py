@@ -35,12 +35,11 @@ from PIL import Image
 
 import explainers.lesions
 from explainers.lesions import random_lesion
-from pipeline.training.datasets import DatasetError, read_manifest
+from pipeline.training.datasets import RECIPE, DatasetError, read_manifest
 
 FIELDS = ["path", "split", "label", "class_name", "source_patient_token", "mask", "lesion_kind",
           "lesion_area", "source_path", "sha1"]
 POSITIVE, NEGATIVE = "LESION", "NORMAL"
-RECIPE = "recipe.json"
 
 
 @dataclass
@@ -125,10 +124,3 @@ def _write_image(out: Path, split: str, row: dict[str, str], image: np.ndarray, 
 def count_normal(source: Path) -> int:
     return sum(1 for r in read_manifest(source) if r.get("class_name", "") == NEGATIVE or
                (not r.get("class_name") and r["label"] == "0"))
-
-
-def read_recipe(folder: Path) -> dict | None:
-    """The ``recipe.json`` of a folder ``make_lesion_dataset`` wrote; None for any other
-    folder (Kermany's, or a lesion set made before recipes were written)."""
-    path = folder / RECIPE
-    return json.loads(path.read_text()) if path.is_file() else None

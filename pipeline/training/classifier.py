@@ -16,8 +16,7 @@ from explainers.metrics import classification_metrics
 from explainers.networks import DEFAULT_CAM_LAYER, BinaryClassifier, build_network
 from explainers.train_classifier import ClassifierTrainer, ClassifierTrainingConfig, predict_probabilities
 from explainers.training import fit
-from pipeline.evaluation.lesion_data import read_recipe
-from pipeline.training.datasets import load_splits
+from pipeline.training.datasets import load_splits, read_recipe
 
 KERMANY_ATTRIBUTION = (
     "Kermany D, Zhang K, Goldbaum M (2018), \"Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +89,16 @@ def _load_rows(root: Path, rows: list[dict[str, str]], preprocessor: Preprocesso
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     np.savez(cache, images=images, labels=labels)
     return Split(torch.from_numpy(images), torch.from_numpy(labels), [r["path"] for r in rows])
+
+
+RECIPE = "recipe.json"  # how a generated data set was made (pipeline.evaluation.lesion_data writes it)
+
+
+def read_recipe(folder: Path) -> dict[str, Any] | None:
+    """The ``recipe.json`` of a data set ``medxplain make-lesions`` wrote; None for any
+    other folder (Kermany's, or a lesion set made before recipes were written)."""
+    path = folder / RECIPE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_splits(root: Path, preprocessor: Preprocessor, *, val_fraction: float = 0.1,
