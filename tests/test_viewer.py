@@ -356,8 +356,9 @@ def _check_sr(page, description: str, sr: pydicom.Dataset, source: pydicom.Datas
     _wait_for_image(page, str(source.SOPInstanceUID))
     page.wait_for_function(_SR_MEASUREMENTS, arg=[str(source.SOPInstanceUID), len(groups)], timeout=TIMEOUT_MS)
     # OHIF 3.13 adds the SR's annotations but does not always repaint its SVG layer (about one
-    # SR in three here, measured with Chromium 156): a user sees them at the next interaction
-    # with the viewport. Ask Cornerstone for that repaint, then read what it drew.
+    # SR in three here, measured with Chromium 156): a user sees them after one drag in the
+    # viewport (a click or a hover does not repaint; README, "Known limits"). Ask Cornerstone
+    # for that repaint, then read what it drew.
     page.evaluate("() => window.cornerstone.getRenderingEngines()[0].render()")
     page.wait_for_selector("svg text >> text=Classifier probability of finding", timeout=TIMEOUT_MS)
     page.wait_for_timeout(300)
