@@ -34,6 +34,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.regression import spearman_corrcoef
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from explainers._helpers import smooth_maps
 from explainers.validity import flipped, probability_change
 from explainers.validity import proximity_l1 as _proximity_l1
 
@@ -97,6 +98,18 @@ def saliency_auprc(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mask_area_fraction(mask: torch.Tensor) -> torch.Tensor:
     """The chance level of the pointing game and of AUPRC."""
     return mask.flatten(1).float().mean(dim=1)
+
+
+def localisation_after_smoothing(saliency: torch.Tensor, mask: torch.Tensor, sigma: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(IoU at mask area (N,), pointing game (N,)) of maps (N, H, W) after one more
+    Gaussian smoothing of ``sigma`` px (> 0; MONAI GaussianFilter), applied alike to every
+    method so that a ranking can be checked against each method's own smoothing default.
+    Raises EvaluationError for sigma <= 0."""
+    if sigma <= 0:
+        raise EvaluationError(f"sigma must be > 0, got {sigma}")
+    smoothed = smooth_maps(saliency.float(), sigma)
+    return iou_at_mask_area(smoothed, mask), pointing_game(smoothed, mask)
 
 
 def boxes_to_mask(boxes: Sequence[Sequence[float]], shape: tuple[int, int], *,

@@ -37,7 +37,8 @@ def test_lesion_benchmark_report_with_localisation_and_resume(lesion_data, tmp_p
     report = (out / "report.md").read_text()
     for needle in ("## Localisation against the inserted-lesion masks", "IoU at mask area", "pointing game",
                    "AUPRC", "deletion AUC", "Spearman σ=0.02", "ms / image", "× classifier forward",
-                   "random map (chance)", "`medxplain benchmark --bundle", "torch 2.", "commit"):
+                   "random map (chance)", "`medxplain benchmark --bundle", "torch 2.", "commit",
+                   "## Localisation with the same extra smoothing for every map", "IoU +σ 4 px", "pointing +σ 8 px"):
         assert needle in report, needle
     assert "4 test images, with masks" in report
     assert (out / "report.html").read_text().startswith("<!doctype html>")

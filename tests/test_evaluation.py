@@ -20,6 +20,7 @@ from explainers.evaluation import (
     deletion_insertion,
     frechet_distance,
     iou_at_mask_area,
+    localisation_after_smoothing,
     map_agreement,
     mask_area_fraction,
     measure,
@@ -66,6 +67,22 @@ def test_iou_hand_computed_half_overlap():
     saliency[0, 2:6, 0:4] = 1.0  # top 16: rows 2-5, overlap rows 2-3 = 8 pixels
     # IoU = 8 / (16 + 16 - 8) = 1/3
     assert iou_at_mask_area(saliency, mask).item() == pytest.approx(1 / 3)
+
+
+def test_common_smoothing_rescores_a_map_whose_peak_is_a_lone_pixel():
+    # A broad response over the lesion and one brighter stray pixel elsewhere: scored raw the
+    # peak misses; after the shared extra smoothing the broad response wins.
+    mask = torch.zeros(1, 48, 48, dtype=torch.bool)
+    mask[0, 10:22, 10:22] = True
+    saliency = torch.zeros(1, 48, 48)
+    saliency[0, 10:22, 10:22] = 0.5
+    saliency[0, 40, 40] = 1.0
+    assert pointing_game(saliency, mask).item() == 0.0
+    iou, pointing = localisation_after_smoothing(saliency, mask, 4.0)
+    assert pointing.item() == 1.0
+    assert 0.5 < iou.item() < 1.0  # the blur spills over the mask's edge
+    with pytest.raises(EvaluationError):
+        localisation_after_smoothing(saliency, mask, 0.0)
 
 
 def test_noise_map_scores_chance():

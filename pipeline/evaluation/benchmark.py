@@ -37,6 +37,10 @@ CACHE_SCHEMA = "medxplain-benchmark/1"
 FIGURE_CASES = 4
 # Model randomisation: maps compared after the top block, half the blocks and all of them.
 SANITY_STAGES = (0.0, 0.5, 1.0)
+# Extra Gaussian smoothing (px on the model grid) applied alike to every method's map
+# before localisation is scored again: each method ships its own smoothing default, and a
+# ranking that only holds at those defaults says more about the defaults than the method.
+SMOOTHING_CHECK = (4.0, 8.0)
 # Spearman to the original map with every block randomised: at or above the first the map
 # does not depend on the classifier at explanation time; between the two it depends on it
 # only partly (e.g. integrated gradients, which keeps the input's own structure).
