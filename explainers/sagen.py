@@ -19,6 +19,14 @@ reconstruction is trivial from step one, the adversarial head's change is explic
 untouched regions stay bit-identical to the input instead of being re-synthesised.
 Instance normalisation only, so the result for an image never depends on the rest
 of its batch.
+
+``conditional`` generators (Charachon et al. 2021, "Leveraging Conditional Generative
+Models in a General Explanation Framework of Classifier Decisions", section 3: one
+generator G(x, c) for both directions) also get the classifier's call as an input
+channel (+1 called positive, -1 called negative). Without it the adversarial head must
+infer the call from the image itself, which fails where the evidence is small: on the
+lesion bundle the unconditional head flipped about half the cases, alternating between
+"add a lesion everywhere" and "remove one everywhere" from epoch to epoch.
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ class SagenGenerator(nn.Module):
     """
 
     def __init__(self, *, features: Sequence[int] = DEFAULT_FEATURES, size: int | None = None,
-                 in_channels: int = 1, upsample: str = "nontrainable"):
+                 in_channels: int = 1, upsample: str = "nontrainable", conditional: bool = False):
         super().__init__()
         features = tuple(int(f) for f in features)
         if len(features) != 6:
@@ -56,9 +64,11 @@ class SagenGenerator(nn.Module):
         if size is not None and (size < 16 or size % 16):
             raise ValueError(f"generator size must be a multiple of 16 (the U-Net pools 4 times), got {size}")
         self.features, self.size, self.in_channels, self.upsample = features, size, in_channels, upsample
+        self.conditional = bool(conditional)
         # Bilinear upsampling in the decoder ("nontrainable"): transposed convolutions
         # leave a checkerboard that a confident classifier readily exploits.
-        self.body = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=features[5], features=features,
+        self.body = BasicUNet(spatial_dims=2, in_channels=in_channels + int(self.conditional),
+                              out_channels=features[5], features=features,
                               norm=("instance", {"affine": True}), upsample=upsample)
         self.body.final_conv = nn.Identity()  # the decoder's features go to the two heads
         self.similar_head = ResidualHead(features[5], in_channels)
@@ -67,16 +77,24 @@ class SagenGenerator(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments, as stored in bundle.yaml."""
         return {"features": list(self.features), "size": self.size, "in_channels": self.in_channels,
-                "upsample": self.upsample}
+                "upsample": self.upsample, "conditional": self.conditional}
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) in [0, 1] -> (similar, adversarial), both (B, C, H, W) in [0, 1]."""
+    def forward(self, images: torch.Tensor, called: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) in [0, 1] -> (similar, adversarial), both (B, C, H, W) in [0, 1].
+        ``called`` (B,) bool or {0, 1}: the classifier's call, required by (and only used by) a
+        conditional generator. Raises ValueError when a conditional generator gets none."""
+        if self.conditional and called is None:
+            raise ValueError("a conditional sagen generator needs the classifier's call for each image")
         height, width = images.shape[-2:]
         resample = self.size is not None and (height, width) != (self.size, self.size)
         if not resample and (height % 16 or width % 16):
             raise ValueError(f"image sides must be multiples of 16 for the U-Net, got {height}x{width}")
         work = F.interpolate(images, size=(self.size, self.size), mode="area") if resample else images
-        hidden = self.body(work * 2.0 - 1.0)
+        work = work * 2.0 - 1.0
+        if self.conditional:
+            sign = called.to(work.dtype).reshape(-1, 1, 1, 1) * 2.0 - 1.0
+            work = torch.cat([work, sign.expand(-1, 1, *work.shape[-2:])], dim=1)
+        hidden = self.body(work)
         residuals = torch.cat([self.similar_head(hidden), self.adversarial_head(hidden)], dim=1)
         if resample:
             residuals = F.interpolate(residuals, size=(height, width), mode="bilinear", align_corners=False)
@@ -121,15 +139,14 @@ class SagenExplainer(Explainer):
         generator = self.generator.to(images.device).eval()
         batch, steps = images.shape[0], self.steps
         with torch.no_grad():
-            similar, adversarial = generator(images)
+            probability = torch.sigmoid(classifier(images).reshape(-1).float())
+            similar, adversarial = generator(images, probability >= self.threshold)
             alphas = torch.arange(1, steps + 1, device=images.device, dtype=images.dtype) / steps
             # lerp is exact at weight 1: the last step *is* A(x).
             path = torch.lerp(similar[:, None], adversarial[:, None], alphas.reshape(1, steps, 1, 1, 1))
-            # One classifier call for the input, the similar image and every path step.
-            logits = classifier(torch.cat([images, similar, path.flatten(0, 1)])).reshape(-1).float()
-            probs = torch.sigmoid(logits)
-            probability, similar_prob = probs[:batch], probs[batch:2 * batch]
-            path_probability = probs[2 * batch:].reshape(batch, steps)
+            # One classifier call for the similar image and every path step.
+            probs = torch.sigmoid(classifier(torch.cat([similar, path.flatten(0, 1)])).reshape(-1).float())
+            similar_prob, path_probability = probs[:batch], probs[batch:].reshape(batch, steps)
             saliency = normalise_maps(smooth_maps((similar - adversarial).abs().sum(dim=1), self.smoothing_sigma))
             similar_l1 = (similar - images).abs().flatten(1).mean(dim=1)
         called = probability >= self.threshold

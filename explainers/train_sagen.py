@@ -11,7 +11,8 @@ Against a frozen classifier and its own thresholded decisions (never the labels)
 
 with yhat = [f(x) >= threshold] on the *augmented* x and t = logit(threshold), so
 "classified like x" means on the same side of the bundle's decision threshold; the
-adversarial head must cross it by a margin of m logits.
+adversarial head must cross it by a margin of m logits. With ``conditional`` the
+generator also gets yhat as an input channel: S(x) = G_s(x, yhat), A(x) = G_a(x, yhat).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class SagenTrainingConfig(TrainingSettings):
     size: int = option(64, "side the generator works at (multiple of 16); its change is upsampled to the "
                            "bundle's input size")
     width: int = option(16, "U-Net base width: features (w, 2w, 4w, 8w, 16w, w)")
+    conditional: bool = option(False, "give the generator the classifier's call as an input channel (Charachon "
+                                      "et al. 2021); for findings too small to infer the call from the image")
     discriminator_learning_rate: float = 2e-4
     threshold: float = from_bundle(0.5)  # the bundle's decision threshold on P(positive)
     weights: SagenLossWeights = field(default_factory=SagenLossWeights)
@@ -106,7 +109,7 @@ class SagenTrainer(AdversarialTrainer):
         s, w, n = self.settings, self.settings.weights, len(x)
         with torch.no_grad():
             called = (self.classifier(x).reshape(-1) - self.offset >= 0).float()
-        similar, adversarial = self.generator(x)
+        similar, adversarial = self.generator(x, called)
         fakes = torch.cat([similar, adversarial])
 
         self.discriminator.requires_grad_(True)
@@ -155,7 +158,8 @@ class SagenTrainer(AdversarialTrainer):
         settings = dataclasses.replace(settings, threshold=spec.task.threshold)
         torch.manual_seed(settings.seed)
         generator = SagenGenerator(features=(w, 2 * w, 4 * w, 8 * w, 16 * w, w), in_channels=spec.input.channels,
-                                   size=working_size(settings.size, max(spec.input.size), 16))
+                                   size=working_size(settings.size, max(spec.input.size), 16),
+                                   conditional=settings.conditional)
         return cls(settings, generator, classifier, splits["train"].images, splits["val"].images,
                    discriminator=PatchCritic(in_channels=spec.input.channels))
 

@@ -63,6 +63,23 @@ def test_generator_starts_as_identity_and_stays_in_range():
         SagenGenerator(features=TINY, size=40)
 
 
+def test_a_conditional_generator_reads_the_call_and_requires_it():
+    x = torch.rand(2, 1, 64, 64)
+    conditional = randomised(SagenGenerator(features=TINY, size=32, conditional=True))
+    with torch.no_grad():
+        as_positive = conditional(x, torch.tensor([True, True]))
+        as_negative = conditional(x, torch.tensor([False, False]))
+        assert not torch.equal(as_positive[1], as_negative[1])  # the adversarial image depends on the call
+        mixed = conditional(x, torch.tensor([True, False]))
+        assert torch.equal(mixed[1][0], as_positive[1][0]) and torch.equal(mixed[1][1], as_negative[1][1])
+        with pytest.raises(ValueError, match="needs the classifier's call"):
+            conditional(x)
+        plain = randomised(SagenGenerator(features=TINY, size=32))
+        assert torch.equal(plain(x)[1], plain(x, torch.tensor([True, False]))[1])  # ignored when unconditional
+    assert SagenGenerator(**conditional.config()).conditional is True
+    assert SagenGenerator(**{k: v for k, v in plain.config().items() if k != "conditional"}).conditional is False
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_explain_shapes_ranges_and_checks(steps, kermany_dir, demo_classifier):
     images = real_images(kermany_dir, 4)
@@ -113,17 +130,18 @@ def _tiny_config(epochs: int, **kw) -> SagenTrainingConfig:
                                                         adversarial=0.05), **kw)
 
 
-def test_a_tiny_generator_learns_to_move_the_decision(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_tiny_generator_learns_to_move_the_decision(conditional, tmp_path):
     torch.manual_seed(0)
     train, _ = box_images(64, seed=0)
     val, _ = box_images(32, seed=1)
     classifier = BoxClassifier()
-    generator = SagenGenerator(features=TINY)
+    generator = SagenGenerator(features=TINY, conditional=conditional)
     before = evaluate_explainer(SagenExplainer(generator=generator, threshold=0.5), classifier, val)
     assert before["flip_rate"] == 0.0  # identity at start
     result = train_sagen(generator, classifier, train, val, _tiny_config(5), tmp_path / "ckpt")  # 40 steps
     with torch.no_grad():
-        similar, adversarial = generator(val)
+        similar, adversarial = generator(val, classifier(val) > 0)
         logit_x, logit_s, logit_a = classifier(val), classifier(similar), classifier(adversarial)
     positive = logit_x > 0
     # The adversarial head moves every image towards the other class...
