@@ -140,7 +140,8 @@ class SagenExplainer(Explainer):
         batch, steps = images.shape[0], self.steps
         with torch.no_grad():
             probability = torch.sigmoid(classifier(images).reshape(-1).float())
-            similar, adversarial = generator(images, probability >= self.threshold)
+            called = probability >= self.threshold
+            similar, adversarial = generator(images, called)
             alphas = torch.arange(1, steps + 1, device=images.device, dtype=images.dtype) / steps
             # lerp is exact at weight 1: the last step *is* A(x).
             path = torch.lerp(similar[:, None], adversarial[:, None], alphas.reshape(1, steps, 1, 1, 1))
@@ -149,7 +150,6 @@ class SagenExplainer(Explainer):
             similar_prob, path_probability = probs[:batch], probs[batch:].reshape(batch, steps)
             saliency = normalise_maps(smooth_maps((similar - adversarial).abs().sum(dim=1), self.smoothing_sigma))
             similar_l1 = (similar - images).abs().flatten(1).mean(dim=1)
-        called = probability >= self.threshold
         common = counterfactual_checks(probability, path_probability[:, -1], images, adversarial, self.threshold)
         checks = [{
             **common[i],

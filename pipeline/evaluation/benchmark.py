@@ -353,6 +353,17 @@ def score_maps(classifier, cases: Cases, maps: torch.Tensor, threshold: float, d
     return out
 
 
+def score_smoothing_check(run: MethodRun, cases: Cases) -> None:
+    """Adds ``iou_smoothed_S`` and ``pointing_smoothed_S`` (N,) for each S in
+    ``SMOOTHING_CHECK`` to ``run.arrays``, from its saved maps (so cached runs get them
+    too); nothing without masks."""
+    if cases.masks is None:
+        return
+    for sigma in SMOOTHING_CHECK:
+        iou, pointing = ev.localisation_after_smoothing(run.arrays["saliency"], cases.masks, sigma)
+        run.arrays[f"iou_smoothed_{sigma:g}"], run.arrays[f"pointing_smoothed_{sigma:g}"] = iou, pointing
+
+
 def score_counterfactuals(classifier, cases: Cases, probability: torch.Tensor, cf: torch.Tensor,
                           cf_prob: torch.Tensor, threshold: float, device: torch.device,
                           arrays: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -489,6 +500,7 @@ def run_benchmark(*, bundle_path: Path, out: Path, methods: list[str] | None = N
                              sanity_n=sanity_n,
                              on_progress=lambda f, name=name: on_progress(name, f) if on_progress else None)
             save_cached(out, run)
+        score_smoothing_check(run, cases)
         runs.append(run)
     reference = random_reference(classifier, cases, threshold, torch_device, steps=steps, seed=seed,
                                  batch_size=batch_size)

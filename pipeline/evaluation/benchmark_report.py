@@ -15,7 +15,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from explainers.evaluation import localisation_after_smoothing  # noqa: E402
 from pipeline.evaluation.benchmark import (  # noqa: E402
     CLASSIFIER_INDEPENDENT,
     CLASSIFIER_PARTLY,
@@ -76,13 +75,8 @@ def tables(result: BenchmarkResult) -> list[Table]:
                          f"Mean ± 95% CI over {len(area)} cases. The mask covers on average "
                          f"{100 * float(area.mean()):.1f}% of the image (the chance level of the pointing game "
                          "and AUPRC). IoU: the map's top-k pixels, k = the mask's area."))
-        rows = []
-        for r in runs:
-            row = [r.name]
-            for sigma in SMOOTHING_CHECK:
-                iou, pointing = localisation_after_smoothing(r.arrays["saliency"], result.cases.masks, sigma)
-                row += [_mean_ci(iou), _mean_ci(pointing)]
-            rows.append(row)
+        rows = [[r.name] + [_mean_ci(r.arrays[f"{key}_smoothed_{sigma:g}"]) for sigma in SMOOTHING_CHECK
+                            for key in ("iou", "pointing")] for r in runs]
         out.append(Table("Localisation with the same extra smoothing for every map",
                          ["method"] + [f"{name} +σ {sigma:g} px" for sigma in SMOOTHING_CHECK
                                        for name in ("IoU", "pointing")], rows,
