@@ -93,7 +93,8 @@ class Cluster:
         except OSError:
             return ""
 
-    def stop(self) -> None:
+    def stop_workers(self) -> None:
+        """Warm shutdown (SIGTERM): each worker finishes and acknowledges its current task first."""
         for proc in self.workers:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -103,6 +104,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.stop_workers()
         for o in self.orthancs.values():
             o.stop()
         self.redis.stop()
@@ -204,13 +208,26 @@ def test_two_orthancs_one_cluster_faults_lose_and_duplicate_nothing(cluster, tmp
               f"(visibility timeout 30 s)")
 
         # 3. The broker restarted with tasks queued (append-only file on): they survive.
+        #    Idle workers take each task the moment it is published, so they are stopped first
+        #    (after the earlier waves are done) and the third wave waits in the broker.
+        earlier = {k: [s for s, _ in v] for k, v in studies.items()}
+        wait_for(lambda: all_done(a, earlier["a"]) and all_done(b, earlier["b"]), 600, interval=0.5,
+                 what="the first two waves done")
+        cluster.stop_workers()
+        assert broker.llen("medxplain") == 0
         send(range(2 * third, N_STUDIES))
-        wait_for(lambda: broker.llen("medxplain") > 0, 120, interval=0.02, what="tasks queued in the broker")
-        queued = broker.llen("medxplain")
+        queued = N_STUDIES - 2 * third
+        wait_for(lambda: broker.llen("medxplain") == queued, 300, interval=0.2,
+                 what=f"the third wave's {queued} tasks queued in the broker")
         broker.close()
         cluster.redis.stop()
         cluster.redis.start()
+        broker = redis.Redis(port=cluster.redis.port)
+        assert broker.llen("medxplain") == queued, "tasks lost in the broker restart"
+        broker.close()
         restarted, done = time.monotonic(), n_done(a) + n_done(b)
+        for i in range(len(cluster.workers)):
+            cluster.start_worker(i)
         wait_for(lambda: n_done(a) + n_done(b) > done, 300, what="progress after the broker restart")
         print(f"\nFIGURE broker restart with {queued} task(s) queued: next job done "
               f"{time.monotonic() - restarted:.1f} s after the restart")
