@@ -7,12 +7,16 @@ Against a frozen classifier and its own thresholded decisions (never the labels)
     G step   w_cls  * [BCE(f(S(x)) - t, yhat) + BCE(f(A(x)) - t -+ m, 1 - yhat)]
            + w_rec  * [L1(S(x), x) + L2(S(x), x)]
            + w_prox * L1_lung(A(x), x)       change outside the lung fields costs 1 + w_out more
+           + w_cyc  * L1(A(A(x, yhat), 1 - yhat), x)      conditional generators only
            - w_gan  * [D(S(x)) + D(A(x))] / 2
 
 with yhat = [f(x) >= threshold] on the *augmented* x and t = logit(threshold), so
 "classified like x" means on the same side of the bundle's decision threshold; the
 adversarial head must cross it by a margin of m logits. With ``conditional`` the
-generator also gets yhat as an input channel: S(x) = G_s(x, yhat), A(x) = G_a(x, yhat).
+generator also gets yhat as an input channel: S(x) = G_s(x, yhat), A(x) = G_a(x, yhat);
+the cycle term (Charachon et al. 2021, the cyclic approximation) asks that the opposite call
+undoes the change, which a change the classifier merely reacts to, unrelated to what makes
+the image positive, cannot satisfy in both directions at once.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class SagenLossWeights:
     adversarial: float = 0.1  # realism: hinge generator loss, both heads
     outside_lungs: float = option(4.0, "proximity outside the lung fields costs 1 + this times more "
                                        "(explainers.lesions.lung_weighted_l1; 0: plain L1, as in v1)")
+    cycle: float = option(0.0, "weight of L1(A(A(x)), x) with the opposite call (conditional generators "
+                               "only; Charachon et al. 2021): the change must be undone by the reverse one")
 
 
 @dataclass
@@ -88,6 +94,10 @@ class SagenTrainer(AdversarialTrainer):
 
     def __init__(self, settings: SagenTrainingConfig, generator: SagenGenerator, classifier: nn.Module,
                  train_images: torch.Tensor, val_images: torch.Tensor, *, discriminator: nn.Module | None = None):
+        """Raises ValueError for a cycle weight with an unconditional generator."""
+        if settings.weights.cycle and not generator.conditional:
+            raise ValueError("the sagen cycle term needs a conditional generator (--conditional): an "
+                             "unconditional one cannot be asked for the opposite change")
         super().__init__(settings, generator, classifier, train_images, val_images, discriminator=discriminator)
         s = settings
         self.offset = threshold_logit(s.threshold)
@@ -129,15 +139,16 @@ class SagenTrainer(AdversarialTrainer):
         rec = F.l1_loss(similar, x) + F.mse_loss(similar, x)
         prox = lung_weighted_l1(adversarial, x, w.outside_lungs)
         gan = -self.critic(fakes).mean()
+        cycle = F.l1_loss(self.generator(adversarial, 1.0 - called)[1], x) if w.cycle else torch.zeros(())
         loss_g = (w.classification * (cls_s + cls_a) + w.reconstruction * rec + w.proximity * prox
-                  + w.adversarial * gan)
+                  + w.cycle * cycle + w.adversarial * gan)
         loss_g.backward()
         self.opt_g.step()
         with torch.no_grad():
             flips = float(((logits[n:] >= 0).float() != called).float().mean())
         return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "cls_similar": cls_s.item(),
                 "cls_adversarial": cls_a.item(), "reconstruction": rec.item(), "proximity": prox.item(),
-                "gan": gan.item(), "train_flip_rate": flips}, n
+                "gan": gan.item(), "cycle": cycle.item(), "train_flip_rate": flips}, n
 
     def explainer(self) -> SagenExplainer:
         return SagenExplainer(generator=self.generator, threshold=self.settings.threshold,
