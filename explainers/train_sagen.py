@@ -70,6 +70,8 @@ class SagenTrainingConfig(TrainingSettings):
     margin: float = option(1.0, "logits by which the adversarial image must cross the threshold")
     steps: int = explainer_parameter(1, "images on the path S(x) -> A(x) the explainer shows")
     smoothing_sigma: float = explainer_parameter(2.0, "Gaussian smoothing of the saliency map, pixels")
+    ig_steps: int = explainer_parameter(32, "sagen_ig: Gauss-Legendre steps of the integrated gradients "
+                                            "from A(x) to x")
 
 
 @torch.no_grad()

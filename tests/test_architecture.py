@@ -76,7 +76,7 @@ def test_the_plugin_import_closure_is_the_standard_library(tmp_path):
 def test_the_registry_is_complete_without_the_pipeline():
     """explainers/ fills its own registry: no side-effect import elsewhere is needed."""
     code = ("import sys\nfrom explainers.base import available\n"
-            "assert {'gradcam', 'ig', 'occlusion', 'sagen', 'exaggeration', 'gvr', 'cia', 'medxgan', 'medxgan_ig'}"
+            "assert {'gradcam', 'ig', 'occlusion', 'sagen', 'exaggeration', 'gvr', 'cia', 'medxgan', 'medxgan_ig', 'sagen_ig'}"
             " <= set(available()), available()\n"
             "assert not any(m.startswith('pipeline') for m in sys.modules)\n")
     done = _run(sys.executable, "-c", code)

@@ -107,7 +107,7 @@ def test_info_verifies_hashes(tmp_path, demo_bundle):
     assert "sha256 verified" in done.stdout and "ok" in done.stdout
     assert "auroc" in done.stdout
     assert ("explainers available with this bundle: gradcam, ig, occlusion, cia, exaggeration, gvr, medxgan, "
-            "medxgan_ig, sagen") in done.stdout
+            "medxgan_ig, sagen, sagen_ig") in done.stdout
     tampered = tmp_path / "bundle"
     shutil.copytree(demo_bundle, tampered, ignore=shutil.ignore_patterns(".checkpoints"))
     weights = tampered / "classifier.safetensors"
