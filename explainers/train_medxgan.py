@@ -193,7 +193,9 @@ class MedxganTrainer(AdversarialTrainer):
                 "train_class_rate": class_rate}, n
 
     def explainer(self) -> MedxganExplainer:
-        parameters = {k: v for k, v in self.settings.explainer_parameters().items() if k != "ig_steps"}
+        # Validated with the difference map; the medxgan_ig-only settings (ig_steps) are not its own.
+        parameters = {k: v for k, v in self.settings.explainer_parameters().items()
+                      if k in MedxganExplainer.parameter_names()}
         return MedxganExplainer(generator=self.generator, encoder=self.encoder, threshold=self.settings.threshold,
                                 **parameters)
 

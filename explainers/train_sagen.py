@@ -153,8 +153,10 @@ class SagenTrainer(AdversarialTrainer):
                 "gan": gan.item(), "cycle": cycle.item(), "train_flip_rate": flips}, n
 
     def explainer(self) -> SagenExplainer:
-        return SagenExplainer(generator=self.generator, threshold=self.settings.threshold,
-                              **self.settings.explainer_parameters())
+        # Validated with |S - A|; the sagen_ig-only settings (ig_steps) are not its own.
+        parameters = {k: v for k, v in self.settings.explainer_parameters().items()
+                      if k in SagenExplainer.parameter_names()}
+        return SagenExplainer(generator=self.generator, threshold=self.settings.threshold, **parameters)
 
     def validate(self) -> dict[str, float]:
         return evaluate_explainer(self.explainer(), self.classifier, self.val_images,
