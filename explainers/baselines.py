@@ -5,22 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients, Occlusion
-from monai.networks.layers import GaussianFilter
 from monai.visualize import GradCAM
 from torch import nn
 
+from explainers._helpers import smooth_maps
 from explainers.base import Explainer, Explanation, TargetLogit, decision_signs, normalise_maps, register
 
 
 def _predict(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.sigmoid(classifier(images).reshape(-1))
-
-
-def _smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return maps
-    return GaussianFilter(spatial_dims=2, sigma=sigma).to(maps.device)(maps[:, None])[:, 0]
 
 
 @register("gradcam")
@@ -94,7 +88,7 @@ class IntegratedGradientsExplainer(Explainer):
             score_gap = (wrapped(images) - wrapped(baseline))[:, 0]
         # Evidence for the explained class = positive attributions.
         evidence = attributions.detach().sum(dim=1).clamp_min(0)
-        saliency = normalise_maps(_smooth(evidence, self.smoothing_sigma))
+        saliency = normalise_maps(smooth_maps(evidence, self.smoothing_sigma))
         checks = [{"completeness_delta": float(delta[i].abs()),
                    "completeness_relative": float(delta[i].abs() / score_gap[i].abs().clamp_min(1e-6))}
                   for i in range(len(images))]
