@@ -64,8 +64,9 @@ def test_the_shipped_conditional_sagen_flips_both_ways_on_lesion_images(lesion_t
 
 
 @pytest.mark.slow
-def test_the_shipped_sagen_ig_localises_the_lesions_better_than_sagens_own_map(lesion_test):
-    # The benchmark's 100 cases: sagen_ig IoU 0.588, pointing 0.91; sagen 0.373 / 0.86; IG 0.487 / 0.85.
+def test_the_shipped_sagen_and_sagen_ig_localise_the_lesions(lesion_test):
+    # The benchmark's 100 cases: sagen (conditional, cycle 30) IoU 0.496, pointing 0.90;
+    # sagen_ig 0.623 / 0.93; IG 0.487 / 0.85. On these 24: 0.471 / 0.92 and 0.646 / 0.96.
     bundle, _, data = lesion_test
     cases = select_cases(data, bundle, n=24, seed=1)
     classifier = bundle.load_classifier()
@@ -75,5 +76,5 @@ def test_the_shipped_sagen_ig_localises_the_lesions_better_than_sagens_own_map(l
         scores[method] = (float(ev.iou_at_mask_area(e.saliency, cases.masks).mean()),
                           float(ev.pointing_game(e.saliency, cases.masks).mean()))
     print(f"\nFIGURE lesion localisation on 24 cases (IoU, pointing): {scores}")
-    assert scores["sagen_ig"][0] >= 0.45 and scores["sagen_ig"][0] >= scores["sagen"][0] + 0.1, scores
-    assert scores["sagen_ig"][1] >= 0.8, scores
+    assert scores["sagen"][0] >= 0.38 and scores["sagen"][1] >= 0.8, scores  # 0.373 / 0.86 before the cycle term
+    assert scores["sagen_ig"][0] >= scores["sagen"][0] + 0.08 and scores["sagen_ig"][1] >= 0.8, scores
