@@ -49,7 +49,7 @@ def test_the_shipped_lesion_classifier_reaches_its_recorded_auroc_on_the_rebuilt
 @pytest.mark.slow
 def test_the_shipped_conditional_sagen_flips_both_ways_on_lesion_images(lesion_test):
     # The conditional generator (the classifier's call as an input channel): 468 test
-    # images: 0.967 / 0.996 flipped (with the cycle term; 0.972 / 0.992 without); the
+    # images: 1.000 / 1.000 flipped (with the cycle term; 0.972 / 0.992 without); the
     # unconditional one it replaced: 0.690 / 0.333.
     bundle, test, _ = lesion_test
     assert bundle.spec.explainers["sagen"].parameters["network"]["conditional"] is True
@@ -66,8 +66,8 @@ def test_the_shipped_conditional_sagen_flips_both_ways_on_lesion_images(lesion_t
 
 @pytest.mark.slow
 def test_the_shipped_sagen_and_sagen_ig_localise_the_lesions(lesion_test):
-    # The benchmark's 100 cases: sagen (conditional, cycle 30) IoU 0.496, pointing 0.90;
-    # sagen_ig 0.623 / 0.93; IG 0.487 / 0.85. On these 24: 0.471 / 0.92 and 0.646 / 0.96.
+    # The benchmark's 100 cases: sagen (conditional, cycle 30) IoU 0.562, pointing 0.90;
+    # sagen_ig 0.655 / 0.92; IG 0.487 / 0.85. On these 24: 0.545 / 0.96 and 0.662 / 0.96.
     bundle, _, data = lesion_test
     cases = select_cases(data, bundle, n=24, seed=1)
     classifier = bundle.load_classifier()
@@ -77,5 +77,5 @@ def test_the_shipped_sagen_and_sagen_ig_localise_the_lesions(lesion_test):
         scores[method] = (float(ev.iou_at_mask_area(e.saliency, cases.masks).mean()),
                           float(ev.pointing_game(e.saliency, cases.masks).mean()))
     print(f"\nFIGURE lesion localisation on 24 cases (IoU, pointing): {scores}")
-    assert scores["sagen"][0] >= 0.38 and scores["sagen"][1] >= 0.8, scores  # 0.373 / 0.86 before the cycle term
+    assert scores["sagen"][0] >= 0.45 and scores["sagen"][1] >= 0.8, scores  # 0.373 / 0.86 before the cycle term
     assert scores["sagen_ig"][0] >= scores["sagen"][0] + 0.08 and scores["sagen_ig"][1] >= 0.8, scores
