@@ -35,9 +35,9 @@ closest one the generator found). It is medXGAN's construction (integrated gradi
 along the path from the counterfactual to the input, ``medxgan_ig``) on sagen's image-
 space path, our combination rather than a method of either paper. Why: |S(x) - A(x)|
 also shows every change the generator makes along with the essential one (on the
-lesion bundle a brightening of one lung and a darkening of the other, the same on every
-image); the gradients along the path weight each changed pixel by how much the
-classifier's score depends on it.
+lesion bundle, before the cycle term of ``train sagen --weights-cycle``: a brightening of
+one lung and a darkening of the other, the same on every image); the gradients along the
+path weight each changed pixel by how much the classifier's score depends on it.
 """
 from __future__ import annotations
 
