@@ -30,10 +30,10 @@ from pipeline.runner import explain_paths  # noqa: E402
 SHARED = Path(os.environ.get("MEDXPLAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "docs" / "img"
 # Figures of the generative methods (rendered when the bundle has their weights): file -> methods.
-GENERATIVE = {"generative_kermany_pneumonia.png": ("sagen", "exaggeration"),
+GENERATIVE = {"generative_kermany_pneumonia.png": ("sagen", "sagen_ig", "exaggeration"),
               "generative2_kermany_pneumonia.png": ("medxgan", "medxgan_ig", "gvr", "cia")}
-# medxgan_ig's counterfactual is medxgan's walk: its overlay is the only new picture.
-OVERLAY_ONLY = {"medxgan_ig"}
+# medxgan_ig's and sagen_ig's counterfactuals are medxgan's and sagen's: their overlays are the only new pictures.
+OVERLAY_ONLY = {"medxgan_ig", "sagen_ig"}
 
 
 def save_png(array: np.ndarray, path: Path, width: int = 900) -> None:
