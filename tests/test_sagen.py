@@ -125,7 +125,6 @@ class BoxAndDistractor(nn.Module):
     BOX (what the classifier reads) *and* an equally large patch the classifier ignores,
     by the same amount: the change a trained generator makes beside the essential one."""
 
-    conditional = False
     DISTRACTOR = (slice(20, 32), slice(20, 32))
 
     def forward(self, images, called=None):
